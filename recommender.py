@@ -1,0 +1,175 @@
+"""The downstream recommender: matrix factorisation with BPR, and its evaluation.
+
+MMCPR (Sec. 3.4 of the paper) pre-trains user and item representations and
+hands them to an existing recommender, which is then fine-tuned as usual. This
+file is that recommender, self-contained:
+
+    sample_negatives   uniform negatives that are never a training positive
+    Evaluator          full-ranking Recall/NDCG/Precision/Hit@K, MMRec protocol
+    MF, bpr_loss       matrix factorisation scored by the BPR loss
+    train_mf           Adam, early stopping on valid Recall@20, best-valid test
+
+Everything takes plain numpy arrays of (user, item) pairs and, for the
+hand-off, optional initial embeddings. Nothing here imports the rest of the
+project.
+"""
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sample_negatives(users, pos_keys, n_items, rng):
+    """One uniform item per entry of `users` that the user has not trained on.
+
+    pos_keys: sorted int64 keys user * n_items + item of the training pairs.
+    Collisions are redrawn in rounds (a handful for sparse data), never a loop
+    over users.
+    """
+    neg = rng.integers(0, n_items, len(users))
+    bad = np.arange(len(users) if len(pos_keys) else 0)
+    while len(bad):
+        keys = users[bad] * n_items + neg[bad]
+        pos = np.searchsorted(pos_keys, keys).clip(max=len(pos_keys) - 1)
+        bad = bad[pos_keys[pos] == keys]
+        neg[bad] = rng.integers(0, n_items, len(bad))
+    return neg
+
+
+class Evaluator:
+    """Full ranking over all items, the user's training items masked (MMRec).
+
+    Recall@K = hits / #relevant, NDCG@K with binary gains and the ideal DCG over
+    min(#relevant, K), Precision@K = hits / K, Hit@K = [hits > 0], each averaged
+    over the users that have relevant items in the split.
+
+    Users are scored in batches on the embeddings' device. Instead of a top-K
+    list per user we compute the rank of each held-out item (the number of
+    unmasked items scored above it): the same metrics as a torch.topk ranking
+    (up to exact float ties, counted in the item's favour), several times faster
+    on a CPU because it replaces the sort with one comparison pass.
+    """
+
+    def __init__(self, n_items, train, target, ks=(10, 20, 50), batch=4096, device="cpu"):
+        self.ks, self.device = tuple(ks), torch.device(device)
+        self.users = np.unique(target[0])
+        row = np.full(max(train[0].max(), target[0].max()) + 1, -1)
+        row[self.users] = np.arange(len(self.users))
+        self.batches = []
+        for lo in range(0, len(self.users), batch):
+            def local(pairs):  # (row within this batch, item) of the pairs of this batch's users
+                r = row[pairs[0]]
+                keep = (r >= lo) & (r < lo + batch)
+                return torch.as_tensor(r[keep] - lo, device=self.device), torch.as_tensor(pairs[1][keep], device=self.device)
+            users = torch.as_tensor(self.users[lo:lo + batch], device=self.device)
+            self.batches.append((users, *local(train), *local(target)))
+        disc = 1.0 / torch.log2(torch.arange(max(self.ks), device=self.device) + 2.0)
+        self.idcg = torch.cumsum(disc, 0)  # idcg[n-1] = ideal DCG of n relevant items
+
+    @torch.no_grad()
+    def evaluate(self, user_emb, item_emb):
+        """user_emb [n_users, d], item_emb [n_items, d] -> {'recall@20': ..., ...}."""
+        total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision", "hit")}
+        for users, tr_r, tr_c, te_r, te_c in self.batches:
+            scores = user_emb[users] @ item_emb.T  # [B, n_items]
+            scores[tr_r, tr_c] = -torch.inf  # training items are never recommended
+            s_rel = scores[te_r, te_c]  # [P] score of each held-out pair
+            rank = (scores[te_r] > s_rel[:, None]).sum(1)  # [P] 0-based rank among all items
+            n_rel = torch.bincount(te_r, minlength=len(users)).float()  # [B]
+            for k in self.ks:
+                hit = (rank < k).float()  # [P]
+                n_hit = torch.zeros_like(n_rel).index_add_(0, te_r, hit)  # [B]
+                dcg = torch.zeros_like(n_rel).index_add_(0, te_r, hit / torch.log2(rank + 2.0))
+                idcg = self.idcg[n_rel.long().clamp(max=k) - 1]
+                total[f"recall@{k}"] += (n_hit / n_rel).sum().item()
+                total[f"ndcg@{k}"] += (dcg / idcg).sum().item()
+                total[f"precision@{k}"] += (n_hit / k).sum().item()
+                total[f"hit@{k}"] += (n_hit > 0).sum().item()
+        return {m: v / len(self.users) for m, v in total.items()}
+
+
+class MF(nn.Module):
+    """Matrix factorisation: score(u, i) = e_u . e_i."""
+
+    def __init__(self, n_users, n_items, dim=64, user_init=None, item_init=None):
+        super().__init__()
+        self.user = nn.Embedding(n_users, dim)
+        self.item = nn.Embedding(n_items, dim)
+        for emb, init in ((self.user, user_init), (self.item, item_init)):
+            if init is None:
+                nn.init.xavier_normal_(emb.weight)  # as MMRec's BPR
+            else:
+                emb.weight.data.copy_(torch.as_tensor(init, dtype=torch.float32))
+
+
+def bpr_loss(pos_scores, neg_scores):
+    """-log sigmoid(s_ui - s_uj), averaged over the batch (Rendle et al., 2009)."""
+    return -F.logsigmoid(pos_scores - neg_scores).mean()
+
+
+def train_mf(n_users, n_items, train, valid, test, *, dim=64, lr=1e-3, l2=1e-4, batch=2048,
+             epochs=1000, patience=20, ks=(10, 20, 50), user_init=None, item_init=None,
+             device="cpu", seed=0, log=print):
+    """Train MF-BPR, select the epoch on valid Recall@20, report test there.
+
+    Epoch 0 is the initial embeddings themselves, so when pre-trained ones are
+    handed over, fine-tuning is kept only if it improves them on valid.
+    Returns dict(best_epoch, valid, test, user_emb, item_emb, epoch_seconds,
+    eval_seconds, history).
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = torch.device(device)
+    if user_init is not None:
+        dim = user_init.shape[1]
+    model = MF(n_users, n_items, dim, user_init, item_init).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # fused: 3x faster steps on CPU
+    users, items = train
+    pos_keys = np.sort(users * n_items + items)
+    users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
+    ev_valid = Evaluator(n_items, train, valid, ks, device=device)
+    ev_test = Evaluator(n_items, train, test, ks, device=device)
+
+    def validate():
+        t = time.perf_counter()
+        m = ev_valid.evaluate(model.user.weight, model.item.weight)
+        eval_seconds.append(time.perf_counter() - t)
+        return m
+
+    epoch_seconds, eval_seconds, history = [], [], []
+    best = validate()
+    best_epoch, best_state = 0, {k: v.clone() for k, v in model.state_dict().items()}
+    log(f"mf epoch 0 (init): valid recall@20 {best['recall@20']:.4f}")
+    for epoch in range(1, epochs + 1):
+        t = time.perf_counter()
+        perm = torch.as_tensor(rng.permutation(len(users)), device=device)
+        negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, rng), device=device)
+        total = 0.0
+        for idx in perm.split(batch):
+            u, i, j = model.user(users_t[idx]), model.item(items_t[idx]), model.item(negs[idx])
+            loss = bpr_loss((u * i).sum(1), (u * j).sum(1))
+            loss = loss + l2 * (u.square().sum() + i.square().sum() + j.square().sum()) / len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        epoch_seconds.append(time.perf_counter() - t)
+        m = validate()
+        history.append(dict(epoch=epoch, loss=total / len(users), **{f"valid_{k}": v for k, v in m.items()}))
+        log(f"mf epoch {epoch}: loss {total / len(users):.4f}  valid recall@20 {m['recall@20']:.4f}  "
+            f"{epoch_seconds[-1]:.2f}s + eval {eval_seconds[-1]:.2f}s")
+        if m["recall@20"] > best["recall@20"]:
+            best, best_epoch = m, epoch
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    model.load_state_dict(best_state)
+    t = time.perf_counter()
+    test_m = ev_test.evaluate(model.user.weight, model.item.weight)
+    eval_seconds.append(time.perf_counter() - t)
+    return dict(best_epoch=best_epoch, valid=best, test=test_m,
+                user_emb=model.user.weight.detach().cpu().numpy(),
+                item_emb=model.item.weight.detach().cpu().numpy(),
+                epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, history=history)

@@ -1,0 +1,99 @@
+"""Loading the MMRec layout: what loads, and every malformed input's one-line error."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import features  # noqa: E402
+
+ROWS = [(0, 0, 0), (0, 1, 0), (0, 2, 1), (1, 1, 0), (1, 3, 2), (2, 2, 0), (2, 0, 1), (2, 3, 2)]
+
+
+def write(folder, rows=ROWS, header="userID\titemID\tx_label", name="toy.inter"):
+    folder.mkdir(exist_ok=True)
+    lines = [header] + ["\t".join(map(str, r)) for r in rows]
+    (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def load(folder):
+    return features.load_mmrec(str(folder), log=lambda s: None)
+
+
+def test_loads_mmrec_layout_with_extra_columns_and_features(tmp_path):
+    rows = [(u, i, 4.0, 1000 + k, s) for k, (u, i, s) in enumerate(ROWS)]
+    write(tmp_path, rows, header="userID\titemID\trating\ttimestamp\tx_label")
+    np.save(tmp_path / "image_feat.npy", np.ones((4, 3), np.float16))
+    np.save(tmp_path / "text_feat.npy", np.arange(8, dtype=np.float64).reshape(4, 2))
+    np.save(tmp_path / "review_feat.npy", np.zeros((3, 5)))
+    d = load(tmp_path)
+    assert (d["name"], d["n_users"], d["n_items"]) == ("toy", 3, 4)
+    assert [len(d[s][0]) for s in ("train", "valid", "test")] == [4, 2, 2]
+    np.testing.assert_array_equal(d["train"][1], [0, 1, 1, 2])
+    assert sorted(d["item_feats"]) == ["image", "text"]
+    assert all(x.dtype == np.float32 for x in (*d["item_feats"].values(), d["user_feat"]))
+    assert d["user_feat"].shape == (3, 5) and d["n_cold"] == 0
+
+
+def test_duplicates_inside_a_split_are_dropped_with_a_count(tmp_path):
+    write(tmp_path, ROWS + [ROWS[0], ROWS[0], ROWS[2]])
+    with pytest.warns(UserWarning, match="dropped 3 duplicate rows"):
+        d = load(tmp_path)
+    assert len(d["train"][0]) == 4 and len(d["valid"][0]) == 2
+
+
+def test_users_without_training_items_leave_evaluation(tmp_path):
+    write(tmp_path, ROWS + [(3, 0, 1), (3, 1, 2)])
+    d = load(tmp_path)
+    assert d["n_cold"] == 1 and 3 not in d["valid"][0] and 3 not in d["test"][0]
+    assert d["n_users"] == 4
+
+
+BAD = {
+    "missing column": (dict(header="userID\titem\tx_label"), "missing column 'itemID'"),
+    "non-integer id": (dict(rows=ROWS + [(1.5, 0, 0)]), "userID must be a non-negative integer"),
+    "negative id": (dict(rows=ROWS + [(0, -1, 0)]), "itemID must be a non-negative integer"),
+    "nan id": (dict(rows=ROWS + [("nan", 0, 0)]), "userID must be a non-negative integer"),
+    "inf id": (dict(rows=ROWS + [(0, "inf", 0)]), "itemID must be a non-negative integer"),
+    "text id": (dict(rows=ROWS + [("bob", 0, 0)]), "unreadable row"),
+    "bad label": (dict(rows=ROWS + [(0, 3, 3)]), "x_label must be 0, 1 or 2"),
+    "pair in two splits": (dict(rows=ROWS + [(0, 0, 2)]), r"pair \(user 0, item 0\) appears in more than one split"),
+    "empty train": (dict(rows=[(0, 0, 1), (1, 1, 2)]), "training split .* is empty"),
+    "no rows": (dict(rows=[]), "no interactions"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_inter_gives_one_line_error_naming_the_file(tmp_path, case):
+    kwargs, message = BAD[case]
+    write(tmp_path, **kwargs)
+    with pytest.raises(features.DataError, match=message) as e:
+        load(tmp_path)
+    assert str(e.value).startswith("toy.inter:") and "\n" not in str(e.value)
+
+
+def test_folder_problems(tmp_path):
+    with pytest.raises(features.DataError, match="no such folder"):
+        load(tmp_path / "absent")
+    with pytest.raises(features.DataError, match="exactly one .*found none"):
+        load(tmp_path)
+    write(tmp_path)
+    write(tmp_path, name="other.inter")
+    with pytest.raises(features.DataError, match="found other.inter, toy.inter"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("name,array,message", [
+    ("image_feat.npy", np.ones((5, 3)), "image_feat.npy: 5 rows but the data has 4 items"),
+    ("review_feat.npy", np.ones((4, 3)), "review_feat.npy: 4 rows but the data has 3 users"),
+    ("text_feat.npy", np.full((4, 3), np.nan), "text_feat.npy: contains NaN or inf"),
+    ("audio_feat.npy", np.array([[1.0, np.inf]] * 4), "audio_feat.npy: contains NaN or inf"),
+    ("image_feat.npy", np.ones(4), "expected a 2-d numeric array"),
+])
+def test_bad_feature_files(tmp_path, name, array, message):
+    write(tmp_path)
+    np.save(tmp_path / name, array)
+    with pytest.raises(features.DataError, match=message):
+        load(tmp_path)
