@@ -60,7 +60,8 @@ BAD = {
     "text id": (dict(rows=ROWS + [("bob", 0, 0)]), "unreadable row"),
     "bad label": (dict(rows=ROWS + [(0, 3, 3)]), "x_label must be 0, 1 or 2"),
     "pair in two splits": (dict(rows=ROWS + [(0, 0, 2)]), r"pair \(user 0, item 0\) appears in more than one split"),
-    "empty train": (dict(rows=[(0, 0, 1), (1, 1, 2)]), "training split .* is empty"),
+    "empty train": (dict(rows=[(0, 0, 1), (1, 1, 2)]), "train split .* is empty"),
+    "empty valid": (dict(rows=[(0, 0, 0), (1, 1, 2)]), "valid split .* is empty"),
     "no rows": (dict(rows=[]), "no interactions"),
 }
 
