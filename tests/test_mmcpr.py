@@ -1,0 +1,338 @@
+"""Tests for mmcpr.py: graphs, propagation, fusion, losses, sampler, model, pretrain."""
+import inspect
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mmcpr  # noqa: E402
+
+FAST = settings(max_examples=30, deadline=None)
+
+
+def random_R(seed, n_users, n_items, density=0.3):
+    """Binary train matrix where every user misses at least one item."""
+    rng = np.random.default_rng(seed)
+    M = rng.random((n_users, n_items)) < density
+    M[np.arange(n_users), rng.integers(0, n_items, n_users)] = False
+    return sp.csr_matrix(M.astype(np.float32))
+
+
+def brute_topk(X, k):
+    """Dense reference: per row the k largest positive counts of X Xᵀ off the diagonal, ties to lower column."""
+    Xb = (X.toarray() != 0).astype(np.int64)
+    C = Xb @ Xb.T
+    np.fill_diagonal(C, 0)
+    out = np.zeros_like(C)
+    for n in range(len(C)):
+        cand = sorted((m for m in range(len(C)) if C[n, m] > 0), key=lambda m: (-C[n, m], m))
+        out[n, cand[:k]] = 1
+    return out
+
+
+# ---------------------------------------------------------------------------- graphs
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 25), st.integers(1, 15), st.integers(1, 6), st.integers(1, 30))
+def test_topk_matches_brute_force_for_any_block(seed, n, f, k, block):
+    X = random_R(seed, n, f, 0.35)
+    A = mmcpr.topk_neighbours(X, k, block=block).toarray()
+    assert np.array_equal(A, brute_topk(X, k))
+    assert (A.sum(1) <= k).all() and not A.diagonal().any()
+
+
+def test_topk_tie_rule_and_counts():
+    # node 0 shares 2 features with node 3 and 1 feature with nodes 1, 2: k=2 keeps 3 then 1 (tie -> lower index)
+    X = sp.csr_matrix(np.array([[1, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, 0]], np.float32))
+    A = mmcpr.topk_neighbours(X, 2).toarray()
+    assert A[0].tolist() == [0, 1, 0, 1]
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(2, 30), st.integers(2, 20), st.integers(1, 5))
+def test_knn_graph_symmetric_binary_and_block_invariant(seed, n_users, n_items, k):
+    R = random_R(seed, n_users, n_items)
+    for X in (R, R.T.tocsr()):
+        A = mmcpr.knn_graph(X, k, block=1)
+        assert (A != mmcpr.knn_graph(X, k, block=4096)).nnz == 0
+        D = A.toarray()
+        assert np.array_equal(D, D.T) and set(np.unique(D)) <= {0.0, 1.0} and not D.diagonal().any()
+        assert A.dtype == np.float32
+        # every edge was kept by at least one endpoint's top-k
+        T = brute_topk(X, k)
+        assert np.array_equal(D, np.maximum(T, T.T))
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 40), st.integers(1, 6))
+def test_normalized_adjacency_symmetric_with_spectrum_in_unit_interval(seed, n, k):
+    X = random_R(seed, n, 8)
+    A = mmcpr.normalize_adj(mmcpr.knn_graph(X, k))
+    assert A.dtype == np.float32
+    D = A.toarray().astype(np.float64)
+    assert np.allclose(D, D.T)
+    ev = np.linalg.eigvalsh(D)
+    assert ev.min() >= -1 - 1e-5 and ev.max() <= 1 + 1e-5
+    assert abs(ev.max() - 1) < 1e-4                         # D^-1/2 (A+I) D^-1/2 has top eigenvalue 1
+
+
+def test_graphs_depend_only_on_the_train_matrix():
+    # graph builders take nothing but the train matrix
+    assert list(inspect.signature(mmcpr.build_graphs).parameters) == ['R', 'k', 'user_graph', 'item_graph']
+    assert not {'valid', 'test', 'R_valid', 'R_test'} & set(inspect.signature(mmcpr.pretrain).parameters)
+    R_train = sp.csr_matrix(np.array([[1, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 1]], np.float32))
+    R_more = R_train + sp.csr_matrix(([1.0], ([2], [0])), shape=R_train.shape)   # a held-out pair (2, 0)
+    g1, g2 = mmcpr.build_graphs(R_train, 2), mmcpr.build_graphs(R_train.copy(), 2)
+    g3 = mmcpr.build_graphs(R_more, 2)
+    assert all((a != b).nnz == 0 for a, b in zip(g1, g2))      # a function of R
+    assert (g1[0] != g3[0]).nnz > 0 and (g1[1] != g3[1]).nnz > 0  # so leaking pairs would show
+
+
+def test_switched_off_graph_is_identity():
+    R = random_R(0, 12, 9)
+    A_user, A_item = mmcpr.build_graphs(R, 3, user_graph=False, item_graph=True)
+    assert np.array_equal(A_user.toarray(), np.eye(12, dtype=np.float32))
+    assert A_item.nnz > 9
+
+
+def test_to_torch_sparse_matches_scipy():
+    A = mmcpr.normalize_adj(mmcpr.knn_graph(random_R(1, 30, 10), 4))
+    x = np.random.default_rng(0).standard_normal((30, 5)).astype(np.float32)
+    y = mmcpr.to_torch_sparse(A, 'cpu') @ torch.from_numpy(x)
+    assert np.allclose(y.numpy(), A @ x, atol=1e-5)
+
+# ---------------------------------------------------------------------------- propagation and fusion
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(2, 30), st.integers(1, 6), st.integers(0, 3))
+def test_propagation_is_permutation_equivariant(seed, n, d, layers):
+    rng = np.random.default_rng(seed)
+    A = mmcpr.normalize_adj(mmcpr.knn_graph(random_R(seed, n, 6), 3))
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    perm = rng.permutation(n)
+    P = sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), perm)), shape=(n, n))  # (P x)[r] = x[perm[r]]
+    y = mmcpr.propagate(mmcpr.to_torch_sparse(A), torch.from_numpy(x), layers).numpy()
+    yp = mmcpr.propagate(mmcpr.to_torch_sparse(P @ A @ P.T), torch.from_numpy(x[perm]), layers).numpy()
+    assert np.allclose(yp, y[perm], atol=1e-5)
+
+
+def test_propagation_is_layer_mean_and_backward_matches_dense():
+    A = mmcpr.normalize_adj(mmcpr.knn_graph(random_R(3, 15, 6), 3))
+    D = torch.from_numpy(A.toarray())
+    x = torch.randn(15, 4, requires_grad=True)
+    y = mmcpr.propagate(mmcpr.to_torch_sparse(A), x, 2)
+    assert torch.allclose(y, (x + D @ x + D @ D @ x) / 3, atol=1e-5)
+    w = torch.randn(15, 4)
+    (gx,) = torch.autograd.grad((y * w).sum(), x)
+    xd = x.detach().requires_grad_()
+    (gd,) = torch.autograd.grad((((xd + D @ xd + D @ D @ xd) / 3) * w).sum(), xd)
+    assert torch.allclose(gx, gd, atol=1e-5)
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 20), st.integers(1, 5), st.integers(1, 8))
+def test_attention_weights_are_a_distribution_and_copies_fuse_to_themselves(seed, n, m, d):
+    torch.manual_seed(seed)
+    att = mmcpr.ModalityAttention(d)
+    h, alpha = att(torch.randn(n, m, d) * 3)
+    assert h.shape == (n, d) and alpha.shape == (n, m)
+    assert (alpha >= 0).all() and torch.allclose(alpha.sum(1), torch.ones(n), atol=1e-6)
+    x = torch.randn(n, d)
+    fused, _ = att(x.unsqueeze(1).expand(n, m, d))
+    assert torch.allclose(fused, x, atol=1e-5)
+
+# ---------------------------------------------------------------------------- losses and sampler
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 40), st.integers(1, 16), st.floats(0.05, 2.0))
+def test_info_nce_non_negative_symmetric_and_matches_cross_entropy(seed, B, d, tau):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)
+    loss = mmcpr.info_nce(a, b, tau)
+    assert loss.item() >= -1e-5
+    assert math.isclose(loss.item(), mmcpr.info_nce(b, a, tau).item(), rel_tol=1e-5, abs_tol=1e-5)
+    s = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau
+    t = torch.arange(B)
+    ref = 0.5 * (F.cross_entropy(s, t) + F.cross_entropy(s.T, t))
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-4, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize('B', [1, 2, 7, 64])
+def test_info_nce_is_log_B_when_all_rows_share_one_embedding(B):
+    e = torch.randn(1, 5).expand(B, 5)
+    assert math.isclose(mmcpr.info_nce(e, e * 2, 0.3).item(), math.log(B), abs_tol=1e-5)
+
+
+def test_info_nce_vanishes_for_aligned_orthogonal_pairs_and_has_gradient():
+    a = torch.eye(16) * 3
+    assert mmcpr.info_nce(a, a * 0.5, 0.01).item() < 1e-3
+    a = torch.randn(8, 4, requires_grad=True)
+    b = torch.randn(8, 4, requires_grad=True)
+    mmcpr.info_nce(a, b, 0.2).backward()
+    for g in (a.grad, b.grad):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 50), st.integers(1, 4))
+def test_bce_matches_torch(seed, B, n_neg):
+    g = torch.Generator().manual_seed(seed)
+    pos, neg = torch.randn(B, generator=g) * 5, torch.randn(B, n_neg, generator=g) * 5
+    ref = F.binary_cross_entropy_with_logits(torch.cat([pos, neg.flatten()]),
+                                             torch.cat([torch.ones(B), torch.zeros(B * n_neg)]))
+    assert math.isclose(mmcpr.bce_loss(pos, neg).item(), ref.item(), rel_tol=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 20), st.integers(2, 12), st.integers(1, 5), st.floats(0.0, 0.95))
+def test_sample_negatives_never_returns_a_training_positive(seed, n_users, n_items, n_neg, density):
+    R = random_R(seed, n_users, n_items, density)
+    u, i = R.nonzero()
+    keys = np.sort(u.astype(np.int64) * n_items + i)
+    if len(keys) == 0:
+        return
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, 37)
+    neg = mmcpr.sample_negatives(keys, users, n_items, n_neg, rng)
+    assert neg.shape == (37, n_neg) and neg.dtype == np.int64
+    assert ((neg >= 0) & (neg < n_items)).all()
+    assert not R[np.repeat(users, n_neg), neg.ravel()].any()
+
+# ---------------------------------------------------------------------------- model
+
+def make_model(n_users, n_items, feat_dims, review_dim=None, dim=8, fusion='attention', seed=0):
+    R = random_R(seed, n_users, n_items)
+    A_user, A_item = mmcpr.build_graphs(R, 3)
+    g = torch.Generator().manual_seed(seed)
+    feats = {name: torch.randn(n_items, f, generator=g) for name, f in feat_dims.items()}
+    review = None if review_dim is None else torch.randn(n_users, review_dim, generator=g)
+    torch.manual_seed(seed)
+    model = mmcpr.MMCPR(n_users, n_items, mmcpr.to_torch_sparse(A_user), mmcpr.to_torch_sparse(A_item),
+                        feats, review, dim=dim, layers=2, fusion=fusion)
+    return R, model
+
+
+def test_one_step_gives_every_parameter_a_gradient():
+    R, model = make_model(20, 15, {'text': 6, 'image': 5}, review_dim=4)
+    h_u, h_i, z, _, _ = model()
+    u, i = (torch.from_numpy(x.astype(np.int64)) for x in R.nonzero())
+    j = torch.randint(0, 15, (len(u), 1))
+    loss = mmcpr.bce_loss((h_u[u] * h_i[i]).sum(-1), (h_u[u].unsqueeze(1) * h_i[j]).sum(-1))
+    uniq = torch.unique(i)
+    loss = loss + 0.1 * mmcpr.info_nce(z['text'][uniq], z['image'][uniq], 0.2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    opt.step()
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, before[name]), name
+    assert set(model.user_modalities) == {'graph', 'review'}
+    assert model.item_modalities == ['graph', 'text', 'image']
+
+
+@FAST
+@given(st.integers(1, 12), st.integers(2, 12), st.lists(st.integers(1, 9), max_size=3),
+       st.one_of(st.none(), st.integers(1, 7)), st.integers(1, 10), st.sampled_from(['attention', 'mean']))
+def test_output_shapes(n_users, n_items, dims, review_dim, dim, fusion):
+    feat_dims = {f'm{k}': f for k, f in enumerate(dims)}
+    _, model = make_model(n_users, n_items, feat_dims, review_dim, dim, fusion)
+    h_u, h_i, z, alpha_u, alpha_i = model()
+    Mu, Mi = 1 + (review_dim is not None), 1 + len(dims)
+    assert h_u.shape == (n_users, dim) and h_i.shape == (n_items, dim)
+    assert set(z) == set(feat_dims) and all(v.shape == (n_items, dim) for v in z.values())
+    assert alpha_u.shape == (n_users, Mu) and alpha_i.shape == (n_items, Mi)
+    assert torch.allclose(alpha_u.sum(1), torch.ones(n_users)) and torch.allclose(alpha_i.sum(1), torch.ones(n_items))
+
+# ---------------------------------------------------------------------------- pretrain
+
+def tiny(seed=0, n_users=30, n_items=25, mods=('text', 'image'), review=True):
+    rng = np.random.default_rng(seed)
+    R = random_R(seed, n_users, n_items, 0.2)
+    feats = {m: rng.standard_normal((n_items, 6 + k)).astype(np.float16) for k, m in enumerate(mods)}
+    user_feat = rng.standard_normal((n_users, 5)).astype(np.float32) if review else None
+    return R, feats, user_feat
+
+
+KEYS = {'user_emb', 'item_emb', 'modality_weights', 'graph_seconds', 'epoch_seconds', 'losses', 'notes'}
+
+
+def test_pretrain_is_deterministic_and_returns_documented_keys():
+    R, feats, user_feat = tiny()
+    lines = []
+    kw = dict(dim=8, knn=3, epochs=3, batch=16, seed=7)
+    a = mmcpr.pretrain(R, feats, user_feat, log=lines.append, **kw)
+    b = mmcpr.pretrain(R, feats, user_feat, log=lambda s: None, **kw)
+    c = mmcpr.pretrain(R, feats, user_feat, log=lambda s: None, **{**kw, 'seed': 8})
+    assert set(a) == KEYS and a['notes'] == []
+    assert a['user_emb'].shape == (30, 8) and a['item_emb'].shape == (25, 8)
+    assert a['user_emb'].dtype == np.float32 and a['item_emb'].dtype == np.float32
+    assert np.array_equal(a['user_emb'], b['user_emb']) and np.array_equal(a['item_emb'], b['item_emb'])
+    assert not np.array_equal(a['item_emb'], c['item_emb'])
+    assert a['losses'] == b['losses'] and len(a['losses']) == 3 and len(a['epoch_seconds']) == 3
+    assert all(v > 0 for v in a['losses'][0].values())
+    assert set(a['modality_weights']['user']) == {'graph', 'review'}
+    assert set(a['modality_weights']['item']) == {'graph', 'text', 'image'}
+    assert math.isclose(sum(a['modality_weights']['item'].values()), 1, rel_tol=1e-5)
+    assert sum(line.startswith('epoch') for line in lines) == 3
+
+
+def test_pretrain_loss_decreases():
+    R, feats, user_feat = tiny(1, 40, 30)
+    out = mmcpr.pretrain(R, feats, user_feat, dim=16, knn=3, epochs=10, batch=64, lr=1e-2, log=lambda s: None)
+    assert out['losses'][-1]['bce'] < out['losses'][0]['bce']
+    assert out['losses'][-1]['align'] < out['losses'][0]['align']
+
+
+def test_alignment_negatives_are_the_distinct_items_of_the_batch():
+    # every training pair has item 0: one distinct item per batch, so InfoNCE has no negatives and is 0
+    # (with duplicates kept it would be log(batch), contrasting item 0 with itself)
+    R = sp.lil_matrix((10, 5), dtype=np.float32)
+    R[:, 0] = 1
+    R = R.tocsr()
+    _, feats, _ = tiny(4, n_items=5)
+    out = mmcpr.pretrain(R, feats, None, dim=8, knn=3, epochs=2, batch=4, log=lambda s: None)
+    assert all(l['align'] == 0 for l in out['losses'])
+
+
+@pytest.mark.parametrize('mods, review, expect', [
+    ((), False, {'no review features: user side is graph-only', 'no item content modalities: item side is graph-only',
+                 'fewer than two item content modalities: no alignment'}),
+    (('image',), True, {'fewer than two item content modalities: no alignment'}),
+    (('text', 'image', 'audio'), False, {'no review features: user side is graph-only'}),
+])
+def test_pretrain_notes_degrade(mods, review, expect):
+    R, feats, user_feat = tiny(2, mods=mods, review=review)
+    out = mmcpr.pretrain(R, feats, user_feat, dim=8, knn=3, epochs=1, batch=32, log=lambda s: None)
+    assert set(out['notes']) == expect
+    assert list(out['modality_weights']['item']) == ['graph', *mods]
+    assert list(out['modality_weights']['user']) == ['graph'] + (['review'] if review else [])
+    if len(mods) < 2:
+        assert all(l['align'] == 0 for l in out['losses'])
+
+
+@pytest.mark.parametrize('flags', [dict(user_graph=False), dict(item_graph=False), dict(align=False),
+                                   dict(fusion='mean'), dict(neg=3, layers=0)])
+def test_pretrain_ablations_run(flags):
+    R, feats, user_feat = tiny(3)
+    out = mmcpr.pretrain(R, feats, user_feat, dim=8, knn=3, epochs=1, batch=32, log=lambda s: None, **flags)
+    assert np.isfinite(out['user_emb']).all() and np.isfinite(out['item_emb']).all()
+    assert bool(out['notes']) == bool(set(flags) & {'user_graph', 'item_graph', 'align', 'fusion'})
+    if flags.get('align') is False:
+        assert out['losses'][0]['align'] == 0
+    if flags.get('fusion') == 'mean':
+        assert all(math.isclose(w, 1 / 3, rel_tol=1e-6) for w in out['modality_weights']['item'].values())
+
+
+def test_pretrain_rejects_user_with_every_item():
+    R = sp.csr_matrix(np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError):
+        mmcpr.pretrain(R, {}, None, epochs=1, log=lambda s: None)
