@@ -45,49 +45,52 @@ class Evaluator:
     min(#relevant, K), Precision@K = hits / K, Hit@K = [hits > 0], each averaged
     over the users that have relevant items in the split.
 
-    Users are scored in batches on the embeddings' device. Instead of a top-K
-    list per user we compute the rank of each held-out item (the number of
-    unmasked items scored above it): the same metrics as a torch.topk ranking
-    (up to exact float ties, counted in the item's favour), several times faster
-    on a CPU because it replaces the sort with one comparison pass.
+    Instead of a top-K list per user we compute the rank of each held-out pair
+    (u, i): the number of items u has not trained on that score above i. This
+    gives the metrics of a torch.topk ranking (up to exact float ties, counted in
+    the item's favour) with one matmul and one comparison pass per batch of
+    pairs, several times faster than sorting on a CPU.
     """
 
     def __init__(self, n_items, train, target, ks=(10, 20, 50), batch=4096, device="cpu"):
         self.ks, self.device = tuple(ks), torch.device(device)
-        self.users = np.unique(target[0])
-        row = np.full(max(train[0].max(), target[0].max()) + 1, -1)
-        row[self.users] = np.arange(len(self.users))
+        users, items = (a[np.lexsort(target[::-1])] for a in target)  # held-out pairs by user
+        ids, self.pair_user, n_rel = np.unique(users, return_inverse=True, return_counts=True)
+        self.n_eval = len(ids)
+        t = np.lexsort(train[::-1])  # training items of user u: tr_items[tr_ptr[u]:tr_ptr[u + 1]]
+        tr_items = train[1][t]
+        tr_ptr = np.searchsorted(train[0][t], np.arange(max(train[0].max(), users.max()) + 2))
+        T = lambda x: torch.as_tensor(x, device=self.device)
         self.batches = []
-        for lo in range(0, len(self.users), batch):
-            def local(pairs):  # (row within this batch, item) of the pairs of this batch's users
-                r = row[pairs[0]]
-                keep = (r >= lo) & (r < lo + batch)
-                return torch.as_tensor(r[keep] - lo, device=self.device), torch.as_tensor(pairs[1][keep], device=self.device)
-            users = torch.as_tensor(self.users[lo:lo + batch], device=self.device)
-            self.batches.append((users, *local(train), *local(target)))
+        for lo in range(0, len(users), batch):
+            u = users[lo:lo + batch]
+            deg = tr_ptr[u + 1] - tr_ptr[u]
+            mask_rows = np.repeat(np.arange(len(u)), deg)  # (row, item) of every training item to mask
+            mask_cols = tr_items[np.arange(deg.sum()) - np.repeat(np.cumsum(deg) - deg - tr_ptr[u], deg)]
+            self.batches.append((T(u), T(items[lo:lo + batch]), T(mask_rows), T(mask_cols),
+                                 T(self.pair_user[lo:lo + batch]), T(n_rel[self.pair_user[lo:lo + batch]])))
         disc = 1.0 / torch.log2(torch.arange(max(self.ks), device=self.device) + 2.0)
         self.idcg = torch.cumsum(disc, 0)  # idcg[n-1] = ideal DCG of n relevant items
 
     @torch.no_grad()
     def evaluate(self, user_emb, item_emb):
         """user_emb [n_users, d], item_emb [n_items, d] -> {'recall@20': ..., ...}."""
-        total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision", "hit")}
-        for users, tr_r, tr_c, te_r, te_c in self.batches:
-            scores = user_emb[users] @ item_emb.T  # [B, n_items]
-            scores[tr_r, tr_c] = -torch.inf  # training items are never recommended
-            s_rel = scores[te_r, te_c]  # [P] score of each held-out pair
-            rank = (scores[te_r] > s_rel[:, None]).sum(1)  # [P] 0-based rank among all items
-            n_rel = torch.bincount(te_r, minlength=len(users)).float()  # [B]
-            for k in self.ks:
+        total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision")}
+        n_hit = torch.zeros(len(self.ks), self.n_eval, device=self.device)  # per user, for Hit@K
+        for users, items, mask_rows, mask_cols, pair_user, n_rel in self.batches:
+            scores = user_emb[users] @ item_emb.T  # [P, n_items], one row per held-out pair
+            scores[mask_rows, mask_cols] = -torch.inf  # training items are never recommended
+            s = scores.gather(1, items[:, None])  # [P, 1]
+            rank = (scores > s).sum(1, dtype=torch.int32)  # [P] 0-based position in the ranking
+            for j, k in enumerate(self.ks):
                 hit = (rank < k).float()  # [P]
-                n_hit = torch.zeros_like(n_rel).index_add_(0, te_r, hit)  # [B]
-                dcg = torch.zeros_like(n_rel).index_add_(0, te_r, hit / torch.log2(rank + 2.0))
-                idcg = self.idcg[n_rel.long().clamp(max=k) - 1]
-                total[f"recall@{k}"] += (n_hit / n_rel).sum().item()
-                total[f"ndcg@{k}"] += (dcg / idcg).sum().item()
-                total[f"precision@{k}"] += (n_hit / k).sum().item()
-                total[f"hit@{k}"] += (n_hit > 0).sum().item()
-        return {m: v / len(self.users) for m, v in total.items()}
+                total[f"recall@{k}"] += (hit / n_rel).sum().item()
+                total[f"precision@{k}"] += hit.sum().item() / k
+                total[f"ndcg@{k}"] += (hit / torch.log2(rank + 2.0) / self.idcg[n_rel.clamp(max=k) - 1]).sum().item()
+                n_hit[j].index_add_(0, pair_user, hit)
+        out = {m: v / self.n_eval for m, v in total.items()}
+        out.update({f"hit@{k}": (n_hit[j] > 0).float().mean().item() for j, k in enumerate(self.ks)})
+        return out
 
 
 class MF(nn.Module):

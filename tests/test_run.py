@@ -1,0 +1,71 @@
+"""End to end through run.py in a subprocess, as a user runs it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(folder, n_users=60, n_items=40, seed=0):
+    """MMRec layout with two item modalities and reviews; every user has train, valid and test items."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    lines = ["userID\titemID\trating\tx_label"]
+    for u in range(n_users):
+        items = rng.choice(n_items, 8, replace=False)
+        lines += [f"{u}\t{i}\t5\t{s}" for i, s in zip(items, [0] * 6 + [1, 2])]
+    (folder / "toy.inter").write_text("\n".join(lines) + "\n")
+    np.save(folder / "image_feat.npy", rng.standard_normal((n_items, 12)).astype(np.float16))
+    np.save(folder / "audio_feat.npy", rng.standard_normal((n_items, 7)))
+    np.save(folder / "review_feat.npy", rng.standard_normal((n_users, 5)).astype(np.float32))
+    return folder
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("model,extra", [("mf", []), ("mmcpr", ["--pretrain-epochs", "2"])])
+def test_run_writes_valid_metrics(tmp_path, model, extra):
+    data, out = make_dataset(tmp_path / "toy"), tmp_path / "out"
+    p = run("--data", data, "--model", model, "--device", "cpu", "--epochs", "3", "--out", out, *extra)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["dataset"], m["model"], m["seed"]) == ("toy", model, 0)
+    assert (m["n_users"], m["n_items"], m["n_train"], m["n_valid"], m["n_test"]) == (60, 40, 360, 60, 60)
+    assert 0 <= m["best_epoch"] <= 3
+    for split in ("valid", "test"):
+        for key in ("recall@20", "ndcg@20", "precision@20", "hit@20", "recall@50"):
+            assert 0.0 <= m[split][key] <= 1.0
+    assert set(m["timings_s"]) >= {"load", "graphs", "pretrain", "finetune", "eval", "total"}
+    assert m["args"]["patience"] == 20 and not list(out.glob("*.tmp"))
+    if model == "mmcpr":
+        assert m["modalities"] == {"user": ["graph", "review"], "item": ["graph", "audio", "image"]}
+        for side in ("user", "item"):
+            assert sum(m["modality_weights"][side].values()) == pytest.approx(1.0, abs=1e-4)
+        assert np.load(out / "user_emb.npy").shape == (60, 64)
+        assert np.load(out / "item_emb.npy").shape == (40, 64)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    data = make_dataset(tmp_path / "toy")
+    np.save(data / "image_feat.npy", np.ones((41, 3)))
+    p = run("--data", data, "--model", "mf")
+    assert p.returncode == 2
+    assert p.stderr.strip() == "error: image_feat.npy: 41 rows but the data has 40 items"
+    p = run("--data", tmp_path / "nowhere")
+    assert p.returncode == 2 and "no such folder" in p.stderr and "Traceback" not in p.stderr
+    p = run("--data", data, "--modalities", "text")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path):
+    p = run("--data", make_dataset(tmp_path / "toy"), "--device", "cuda")
+    assert p.returncode == 2 and "CUDA is not available" in p.stderr and "Traceback" not in p.stderr
