@@ -39,14 +39,15 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=1000)
     g.add_argument("--patience", type=int, default=20, help="epochs without a better valid Recall@20")
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--l2", type=float, default=1e-4, help="L2 weight on the batch embeddings")
+    g.add_argument("--l2", type=float, default=3e-2, help="L2 weight on the batch embeddings (chosen on valid)")
     g.add_argument("--batch", type=int, default=2048)
     g = p.add_argument_group("MMCPR pre-training")
-    g.add_argument("--pretrain-epochs", type=int, default=50)
-    g.add_argument("--pretrain-lr", type=float, default=1e-3)
+    g.add_argument("--pretrain-epochs", type=int, default=30)
+    g.add_argument("--pretrain-lr", type=float, default=1e-2)
+    g.add_argument("--pretrain-l2", type=float, default=1e-3, help="L2 weight on the batch ID embeddings")
     g.add_argument("--knn", type=int, default=10, help="neighbours kept per node in the homogeneous graphs")
     g.add_argument("--layers", type=int, default=2, help="GCN layers of intra-modal aggregation")
-    g.add_argument("--neg", type=int, default=1, help="sampled negatives per observed pair (BCE)")
+    g.add_argument("--neg", type=int, default=8, help="sampled negatives per observed pair (BCE)")
     g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature")
     g.add_argument("--lambda-align", type=float, default=0.1, help="weight of the alignment loss")
     g.add_argument("--fusion", choices=("attention", "mean"), default="attention")
@@ -115,7 +116,7 @@ def run(args, data, model, load_seconds):
         t = time.perf_counter()
         pre = mmcpr.pretrain(R, item_feats, user_feat, dim=args.dim, knn=args.knn, layers=args.layers,
                              epochs=args.pretrain_epochs, batch=args.batch, lr=args.pretrain_lr, neg=args.neg,
-                             tau=args.tau, lambda_align=args.lambda_align, l2=args.l2, fusion=args.fusion,
+                             tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
                              user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
                              align=not args.no_align, device=args.device, seed=args.seed, log=print)
         timings["graphs"] = pre["graph_seconds"]
