@@ -116,16 +116,17 @@ def load_mmrec(folder, log=print):
 
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
     parts = {s: (users[split == j], items[split == j]) for j, s in enumerate(("train", "valid", "test"))}
-    for j, s in enumerate(parts):
-        if len(parts[s][0]) == 0:
-            raise DataError(f"{name}: the {s} split (x_label {j}) is empty")
     has_train = np.zeros(n_users, bool)
     has_train[parts["train"][0]] = True
     held_out = np.unique(np.concatenate([parts["valid"][0], parts["test"][0]]))
     n_cold = int((~has_train[held_out]).sum())
-    for s in ("valid", "test"):
+    for j, s in enumerate(parts):
         u, i = parts[s]
         parts[s] = (u[has_train[u]], i[has_train[u]])
+        if len(u) == 0:
+            raise DataError(f"{name}: the {s} split (x_label {j}) is empty")
+        if not has_train[u].any():
+            raise DataError(f"{name}: no user of the {s} split (x_label {j}) has training interactions")
 
     item_feats, user_feat = {}, None
     for p in sorted(glob.glob(os.path.join(folder, "*_feat.npy"))):

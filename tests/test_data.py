@@ -62,6 +62,7 @@ BAD = {
     "pair in two splits": (dict(rows=ROWS + [(0, 0, 2)]), r"pair \(user 0, item 0\) appears in more than one split"),
     "empty train": (dict(rows=[(0, 0, 1), (1, 1, 2)]), "train split .* is empty"),
     "empty valid": (dict(rows=[(0, 0, 0), (1, 1, 2)]), "valid split .* is empty"),
+    "only cold users in test": (dict(rows=[(0, 0, 0), (0, 1, 1), (1, 1, 2)]), "no user of the test split"),
     "no rows": (dict(rows=[]), "no interactions"),
 }
 
