@@ -32,7 +32,7 @@ def parse_args(argv=None):
     a("--model", choices=("mmcpr", "mf"), default="mmcpr")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--seed", type=int, default=0)
-    a("--out", help="output folder (default runs/<dataset>-<model>-<seed>)")
+    a("--out", help="output folder (default runs/<dataset>-<model>-<seed>; the demo: OUT/<...>)")
     a("--topk", default="10,20,50", help="comma-separated cut-offs K")
     g = p.add_argument_group("MF-BPR fine-tuning")
     g.add_argument("--dim", type=int, default=64, help="embedding size d")
@@ -106,7 +106,8 @@ def run(args, data, model, load_seconds):
             raise features.DataError(f"--modalities: {', '.join(missing)} not in {data['name']} "
                                      f"(has: {', '.join(item_feats) or 'none'})")
         item_feats = {m: item_feats[m] for m in wanted}
-    out = args.out or os.path.join("runs", f"{data['name']}-{model}-{args.seed}")
+    name = f"{data['name']}-{model}-{args.seed}"  # the demo, two runs, puts both under --out
+    out = args.out if args.out and args.data else os.path.join(args.out or "runs", name)
     os.makedirs(out, exist_ok=True)
 
     init, pre = {}, {}
