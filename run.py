@@ -49,7 +49,7 @@ def parse_args(argv=None):
     g.add_argument("--layers", type=int, default=2, help="GCN layers of intra-modal aggregation")
     g.add_argument("--neg", type=int, default=8, help="sampled negatives per observed pair (BCE)")
     g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature")
-    g.add_argument("--lambda-align", type=float, default=0.1, help="weight of the alignment loss")
+    g.add_argument("--lambda-align", type=float, default=0.01, help="weight of the alignment loss (chosen on valid)")
     g.add_argument("--fusion", choices=("attention", "mean"), default="attention")
     g.add_argument("--modalities", help="item content modalities to use, e.g. image,audio (default: all)")
     g.add_argument("--no-align", action="store_true", help="drop the contrastive alignment loss")
