@@ -2,7 +2,7 @@
 
 Loading half: a dataset folder in the MMRec layout (the one MMRec ships for
 Amazon Baby, Sports, Clothing), checked strictly, returned as plain numpy
-arrays. The paper's inputs (Sec. 3.1) are a user-item interaction matrix, the
+arrays. The paper's inputs are a user-item interaction matrix, the
 users' review texts and the items' description texts and images; here they
 arrive as
 

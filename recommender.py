@@ -1,8 +1,8 @@
 """The downstream recommender: matrix factorisation with BPR, and its evaluation.
 
-MMCPR (Sec. 3.4 of the paper) pre-trains user and item representations and
-hands them to an existing recommender, which is then fine-tuned as usual. This
-file is that recommender, self-contained:
+MMCPR pre-trains user and item representations and hands them to an existing
+recommender, which is then fine-tuned as usual. This file is that recommender,
+self-contained:
 
     sample_negatives   uniform negatives that are never a training positive
     Evaluator          full-ranking Recall/NDCG/Precision/Hit@K, MMRec protocol
@@ -47,9 +47,10 @@ class Evaluator:
 
     Instead of a top-K list per user we compute the rank of each held-out pair
     (u, i): the number of items u has not trained on that score above i. This
-    gives the metrics of a torch.topk ranking (up to exact float ties, counted in
-    the item's favour) with one matmul and one comparison pass per batch of
-    pairs, several times faster than sorting on a CPU.
+    gives the metrics of a torch.topk ranking (up to exact float ties, which
+    count against the item, so collapsed embeddings score nothing) with one
+    matmul and one comparison pass per batch of pairs, several times faster
+    than sorting on a CPU.
     """
 
     def __init__(self, n_items, train, target, ks=(10, 20, 50), batch=4096, device="cpu"):
@@ -75,13 +76,15 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, user_emb, item_emb):
         """user_emb [n_users, d], item_emb [n_items, d] -> {'recall@20': ..., ...}."""
+        if not (torch.isfinite(user_emb).all() and torch.isfinite(item_emb).all()):
+            raise FloatingPointError("non-finite embeddings: training diverged (try a lower --lr)")
         total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision")}
         n_hit = torch.zeros(len(self.ks), self.n_eval, device=self.device)  # per user, for Hit@K
         for users, items, mask_rows, mask_cols, pair_user, n_rel in self.batches:
             scores = user_emb[users] @ item_emb.T  # [P, n_items], one row per held-out pair
             scores[mask_rows, mask_cols] = -torch.inf  # training items are never recommended
             s = scores.gather(1, items[:, None])  # [P, 1]
-            rank = scores.gt_(s).sum(1)  # [P] 0-based position in the ranking (in place: 5x faster)
+            rank = scores.ge_(s).sum(1) - 1  # [P] 0-based rank, ties against the item (in place: 5x faster)
             for j, k in enumerate(self.ks):
                 hit = (rank < k).float()  # [P]
                 total[f"recall@{k}"] += (hit / n_rel).sum().item()
@@ -147,6 +150,8 @@ def train_mf(n_users, n_items, train, valid, test, *, dim=64, lr=1e-3, l2=1e-4, 
     model = MF(n_users, n_items, dim, user_init, item_init).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # fused: 3x faster steps on CPU
     users, items = train
+    if np.bincount(users).max() >= n_items:
+        raise ValueError("a user has trained on every item: no negative to sample")
     pos_keys = np.sort(users * n_items + items)
     users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     ev_valid = Evaluator(n_items, train, valid, ks, device=device)

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     g.add_argument("--patience", type=int, default=20, help="epochs without a better valid Recall@20")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--l2", type=float, default=3e-2, help="L2 weight on the batch embeddings (chosen on valid)")
-    g.add_argument("--batch", type=int, default=2048)
+    g.add_argument("--batch", type=int, default=2048, help="batch size of fine-tuning and pre-training")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=30)
     g.add_argument("--pretrain-lr", type=float, default=1e-2)
@@ -62,6 +62,9 @@ def parse_args(argv=None):
     g.add_argument("--image-encoder", help="local Hugging Face vision model folder")
     g.add_argument("--rebuild-features", action="store_true", help="re-encode even if cached")
     args = p.parse_args(argv)
+    if args.data is None:  # the demo's 6.6k training pairs are 4 batches of 2048: too few steps to learn
+        p.set_defaults(batch=256)
+        args = p.parse_args(argv)
     try:
         args.topk = tuple(sorted({int(k) for k in args.topk.split(",")}))
         assert all(k > 0 for k in args.topk)
@@ -85,6 +88,7 @@ def parse_args(argv=None):
 def write_atomic(path, write):
     """Write through a temporary file in the same folder, then rename: never half-written."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -174,7 +178,7 @@ def main(argv=None):
         data = features.load_mmrec(folder)
         load_seconds = time.perf_counter() - t
         results = {m: run(args, data, m, load_seconds) for m in models}
-    except features.DataError as e:
+    except (features.DataError, ValueError, ImportError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if len(results) > 1:

@@ -176,3 +176,19 @@ def test_train_mf_keeps_a_perfect_initialisation():
     assert r["best_epoch"] == 0 and r["valid"]["recall@10"] == pytest.approx(1.0)
     np.testing.assert_array_equal(r["user_emb"], ue)
     np.testing.assert_array_equal(r["item_emb"], ie)
+
+
+def test_collapsed_embeddings_score_nothing_and_nan_is_an_error():
+    """Ties count against the held-out item, so a collapsed model cannot look perfect."""
+    train, target = (np.array([0, 1]), np.array([0, 4])), (np.array([0, 0, 1]), np.array([2, 4, 0]))
+    ev = rec.Evaluator(5, train, target, ks=(1, 2))
+    m = ev.evaluate(torch.zeros(2, 3), torch.zeros(5, 3))
+    assert all(v == 0.0 for v in m.values())
+    with pytest.raises(FloatingPointError):
+        ev.evaluate(torch.full((2, 3), float("nan")), torch.zeros(5, 3))
+
+
+def test_train_mf_refuses_a_user_with_every_item():
+    train = (np.array([0, 0, 1]), np.array([0, 1, 0]))
+    with pytest.raises(ValueError, match="every item"):
+        rec.train_mf(2, 2, train, (np.array([1]), np.array([1])), (np.array([1]), np.array([1])), epochs=1)

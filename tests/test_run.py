@@ -69,3 +69,27 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 def test_cuda_without_cuda_is_a_clear_error(tmp_path):
     p = run("--data", make_dataset(tmp_path / "toy"), "--device", "cuda")
     assert p.returncode == 2 and "CUDA is not available" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_pretraining_sees_training_pairs_only(tmp_path, monkeypatch):
+    """run.py must hand mmcpr.pretrain the train split and nothing of valid or test."""
+    sys.path.insert(0, str(ROOT))
+    import features
+    import mmcpr
+    import run as run_module
+
+    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    seen = {}
+
+    def fake_pretrain(R, *args, **kwargs):
+        seen["R"] = R
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mmcpr, "pretrain", fake_pretrain)
+    args = run_module.parse_args(["--data", "x", "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="stop here"):
+        run_module.run(args, data, "mmcpr", 0.0)
+    R = seen["R"].tocsr()
+    assert R.nnz == len(data["train"][0]) and R[data["train"]].min() == 1
+    for split in ("valid", "test"):
+        assert R[data[split]].max() == 0
