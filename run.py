@@ -127,8 +127,12 @@ def run(args, data, model, load_seconds):
         timings["graphs"] = pre["graph_seconds"]
         timings["pretrain"] = time.perf_counter() - t - pre["graph_seconds"]
         init = dict(user_init=pre["user_emb"], item_init=pre["item_emb"])
-        for name in ("user_emb", "item_emb"):
-            write_atomic(os.path.join(out, f"{name}.npy"), lambda f: np.save(f, pre[name]))
+        for key in ("user_emb", "item_emb"):
+            write_atomic(os.path.join(out, f"{key}.npy"), lambda f: np.save(f, pre[key]))
+        for side, w in pre["modality_weights"].items():
+            print(f"mean {side} modality weights: " + ", ".join(f"{m} {v:.3f}" for m, v in w.items()))
+        for note in pre["notes"]:
+            print(f"note: {note}")
 
     t = time.perf_counter()
     res = recommender.train_mf(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
