@@ -46,7 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--pretrain-lr", type=float, default=1e-2)
     g.add_argument("--pretrain-l2", type=float, default=1e-3, help="L2 weight on the batch ID embeddings")
     g.add_argument("--knn", type=int, default=10, help="neighbours kept per node in the homogeneous graphs")
-    g.add_argument("--layers", type=int, default=2, help="GCN layers of intra-modal aggregation")
+    g.add_argument("--layers", type=int, default=3, help="GCN layers of intra-modal aggregation (chosen on valid)")
     g.add_argument("--neg", type=int, default=8, help="sampled negatives per observed pair (BCE)")
     g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature")
     g.add_argument("--lambda-align", type=float, default=0.01, help="weight of the alignment loss (chosen on valid)")
