@@ -151,8 +151,7 @@ def run(args, data, model, load_seconds):
                                pretrain=float(np.mean(pre["epoch_seconds"])) if pre.get("epoch_seconds") else None),
         n_users=data["n_users"], n_items=data["n_items"],
         **{f"n_{s}": len(data[s][0]) for s in ("train", "valid", "test")}, n_cold_users=data["n_cold"],
-        modalities=dict(user=(["graph"] + (["review"] if user_feat is not None else [])) if model == "mmcpr" else [],
-                        item=(["graph"] + list(item_feats)) if model == "mmcpr" else []),
+        modalities={side: list(w) for side, w in pre.get("modality_weights", dict(user={}, item={})).items()},
         modality_weights=pre.get("modality_weights"), notes=pre.get("notes", []),
         history=res["history"], args=vars(args) | dict(model=model),
     )
@@ -167,7 +166,6 @@ def run(args, data, model, load_seconds):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     try:
         folder, models = args.data, [args.model]
         if folder is None:  # the embedded demo: synthetic raw data, then MF against MMCPR
