@@ -143,10 +143,29 @@ class ModalityAttention(nn.Module):
 def info_nce(a, b, tau):
     """Symmetric InfoNCE: row n of a and row n of b are a positive pair, every other row
     of the batch is a negative. a, b: [B, d] -> scalar.
-    -log softmax of the positive s[n, n] over b's (row n) and over a's (column n), averaged."""
+    -log softmax of the positive s[n, n] over b's (row n) and over a's (column n), averaged.
+    Cosines are at most 1, so s - 1/tau <= 0: one exp, safe without a max, serves both
+    log-sum-exps (half the passes over [B, B] of two logsumexp calls). It stays above
+    float32's underflow while -2/tau > -87, hence tau >= 0.025."""
+    if tau < 0.025:
+        raise ValueError(f'info_nce: tau must be at least 0.025 (float32 exp underflows), got {tau}')
     a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
     s = (a / tau) @ b.T                                                # [B, B] cosine / tau
-    return 0.5 * (s.logsumexp(1) + s.logsumexp(0)).mean() - s.diagonal().mean()
+    e = torch.exp(s - 1 / tau)                                         # [B, B] in (0, 1]
+    return 0.5 * (e.sum(1).log() + e.sum(0).log()).mean() + 1 / tau - s.diagonal().mean()
+
+
+def alignment_loss(z, items, tau, group):
+    """Inter-modal alignment: InfoNCE between every pair of item content modalities, on the
+    distinct `items` (a repeated item is no negative of itself). They are shuffled into groups
+    of at most `group`, an item's negatives being the rest of its group: this bounds the
+    [B, B] similarity matrix, whose cost on the CPU grows faster than B² once it leaves the cache.
+    z: {modality: [I, d]}, items: [B] -> scalar, the item-weighted mean over groups
+    (0 with fewer than two modalities)."""
+    uniq = torch.unique(items)
+    groups = uniq[torch.randperm(len(uniq), device=uniq.device)].tensor_split(-(-len(uniq) // group))
+    return sum((len(g) / len(uniq) * info_nce(F.embedding(g, z[a]), F.embedding(g, z[b]), tau)
+                for a, b in itertools.combinations(z, 2) for g in groups), torch.zeros((), device=items.device))
 
 
 def bce_loss(pos_logits, neg_logits):
@@ -222,7 +241,7 @@ class MMCPR(nn.Module):
 # pre-training
 
 def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=30, batch=2048,
-             lr=1e-2, neg=8, tau=0.2, lambda_align=0.01, l2=1e-3, fusion='attention',
+             align_batch=1024, lr=1e-2, neg=8, tau=0.2, lambda_align=0.01, l2=1e-3, fusion='attention',
              user_graph=True, item_graph=True, align=True, device='cpu', seed=0, log=print):
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content
     features {name: [I, f]} and optional user review features [U, f]. Returns a dict of
@@ -260,7 +279,6 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     model = MMCPR(n_users, n_items, to_torch_sparse(A_user, device), to_torch_sparse(A_item, device),
                   feats, review, dim, layers, fusion).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    pairs = list(itertools.combinations(model.content, 2)) if align else []
     users, items = R.nonzero()                                         # training pairs
     keys = np.sort(users.astype(np.int64) * n_items + items)
 
@@ -279,11 +297,9 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
             hu = F.embedding(u, h_u)                                   # [B, d]
             loss_bce = bce_loss((hu * F.embedding(i, h_i)).sum(-1),    # [B]
                                 (hu.unsqueeze(1) * F.embedding(j, h_i)).sum(-1))  # [B, neg]
-            uniq = torch.unique(i)                                     # distinct items: no false negatives
-            loss_align = sum((info_nce(F.embedding(uniq, z[a]), F.embedding(uniq, z[b]), tau) for a, b in pairs),
-                             torch.zeros((), device=device))
-            reg = (model.user_id(u).pow(2).sum(-1).mean() + model.item_id(i).pow(2).sum(-1).mean()
-                   + model.item_id(j).pow(2).sum(-1).mean())
+            loss_align = alignment_loss(z, i, tau, align_batch) if align else torch.zeros((), device=device)
+            sq_u, sq_i = model.user_id.weight.pow(2).sum(1), model.item_id.weight.pow(2).sum(1)  # [U], [I]
+            reg = sq_u[u].mean() + sq_i[i].mean() + sq_i[j].mean()    # ego ID embeddings of the batch
             loss = loss_bce + lambda_align * loss_align + l2 * reg
             opt.zero_grad()
             loss.backward()

@@ -172,12 +172,45 @@ def test_info_nce_is_log_B_when_all_rows_share_one_embedding(B):
 
 def test_info_nce_vanishes_for_aligned_orthogonal_pairs_and_has_gradient():
     a = torch.eye(16) * 3
-    assert mmcpr.info_nce(a, a * 0.5, 0.01).item() < 1e-3
+    losses = [mmcpr.info_nce(a, a * 0.5, tau).item() for tau in (1.0, 0.3, 0.1, 0.025)]
+    assert all(x > y for x, y in zip(losses, losses[1:])) and losses[-1] < 1e-15
     a = torch.randn(8, 4, requires_grad=True)
     b = torch.randn(8, 4, requires_grad=True)
     mmcpr.info_nce(a, b, 0.2).backward()
     for g in (a.grad, b.grad):
         assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_info_nce_is_finite_at_the_smallest_tau_and_refuses_smaller():
+    # positives at cosine -1 are the worst case for the shifted exp: exp(-2 / tau) must not underflow
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert abs(mmcpr.info_nce(a[:1], -a[:1], 0.025).item()) < 1e-4          # one pair: -log(1) = 0
+    assert math.isclose(mmcpr.info_nce(a, -a, 0.025).item(), 40 + math.log1p(math.exp(-40)), rel_tol=1e-6)
+    with pytest.raises(ValueError, match='tau'):
+        mmcpr.info_nce(a, a, 0.02)
+
+
+@pytest.mark.parametrize('n, group, sizes', [(10, 4, (4, 3, 3)), (10, 10, (10,)), (10, 50, (10,)), (7, 1, (1,) * 7)])
+def test_alignment_loss_groups_the_distinct_items(n, group, sizes):
+    # all items share one embedding, so a group of m items has InfoNCE log m; duplicates must not count
+    z = {'text': torch.ones(n, 3), 'image': torch.ones(n, 3) * 2, 'audio': -torch.ones(n, 3)}
+    items = torch.cat([torch.arange(n), torch.arange(n // 2)])
+    expect = 3 * sum(m / n * math.log(m) for m in sizes)     # three modality pairs
+    assert math.isclose(mmcpr.alignment_loss(z, items, 0.2, group).item(), expect, rel_tol=1e-5, abs_tol=1e-6)
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 30), st.integers(1, 40))
+def test_alignment_loss_equals_info_nce_on_one_group_and_is_zero_for_one_modality(seed, n, group):
+    g = torch.Generator().manual_seed(seed)
+    z = {'image': torch.randn(n, 4, generator=g), 'audio': torch.randn(n, 4, generator=g)}
+    items = torch.randint(0, n, (2 * n,), generator=g)
+    uniq = torch.unique(items)
+    loss = mmcpr.alignment_loss(z, items, 0.2, max(group, n))
+    assert math.isclose(loss.item(), mmcpr.info_nce(z['image'][uniq], z['audio'][uniq], 0.2).item(),
+                        rel_tol=1e-5, abs_tol=1e-6)
+    assert mmcpr.alignment_loss(z, items, 0.2, group).item() >= -1e-5
+    assert mmcpr.alignment_loss({'image': z['image']}, items, 0.2, group).item() == 0
 
 
 @FAST
@@ -302,7 +335,7 @@ def test_alignment_negatives_are_the_distinct_items_of_the_batch():
     R = R.tocsr()
     _, feats, _ = tiny(4, n_items=5)
     out = mmcpr.pretrain(R, feats, None, dim=8, knn=3, epochs=2, batch=4, log=lambda s: None)
-    assert all(l['align'] == 0 for l in out['losses'])
+    assert all(abs(l['align']) < 1e-5 for l in out['losses'])
 
 
 @pytest.mark.parametrize('mods, review, expect', [
