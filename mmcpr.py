@@ -24,7 +24,11 @@ Choices where the paper is silent (all kept deliberately simple):
 - 8 sampled negatives per observed pair, Adam lr 1e-2, 30 epochs, lambda_align = 0.01:
   chosen on TikTok's valid split (1 negative at lr 1e-3 left the BCE model under-trained;
   lambda_align 0.1 scored lower on valid than 0.01); 3 GCN layers beat 2 on the valid
-  splits of both TikTok and Baby, and k = 20 neighbours did not beat k = 10 on Baby.
+  splits of both TikTok and Baby, and k = 20 neighbours did not beat k = 10 on Baby;
+- 8192 pairs a step: every step propagates the whole graph, so large batches make an epoch
+  2.5x faster on the CPU, and over three seeds they scored no lower on TikTok's valid split
+  after fine-tuning than 2048 (mean Recall@20 0.084 against 0.079; seeds spread by ±0.015);
+- the alignment contrasts the batch's distinct items in random groups of at most 1024.
 """
 
 import itertools
@@ -240,7 +244,7 @@ class MMCPR(nn.Module):
 # -----------------------------------------------------------------------------
 # pre-training
 
-def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=30, batch=2048,
+def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=30, batch=8192,
              align_batch=1024, lr=1e-2, neg=8, tau=0.2, lambda_align=0.01, l2=1e-3, fusion='attention',
              user_graph=True, item_graph=True, align=True, device='cpu', seed=0, log=print):
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content

@@ -40,9 +40,11 @@ def parse_args(argv=None):
     g.add_argument("--patience", type=int, default=20, help="epochs without a better valid Recall@20")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--l2", type=float, default=3e-2, help="L2 weight on the batch embeddings (chosen on valid)")
-    g.add_argument("--batch", type=int, default=2048, help="batch size of fine-tuning and pre-training")
+    g.add_argument("--batch", type=int, default=2048, help="training pairs per MF-BPR step")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=30)
+    g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
+    g.add_argument("--align-batch", type=int, default=1024, help="most items in one InfoNCE group")
     g.add_argument("--pretrain-lr", type=float, default=1e-2)
     g.add_argument("--pretrain-l2", type=float, default=1e-3, help="L2 weight on the batch ID embeddings")
     g.add_argument("--knn", type=int, default=10, help="neighbours kept per node in the homogeneous graphs")
@@ -63,7 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--rebuild-features", action="store_true", help="re-encode even if cached")
     args = p.parse_args(argv)
     if args.data is None:  # the demo's 6.6k training pairs are 4 batches of 2048: too few steps to learn
-        p.set_defaults(batch=256)
+        p.set_defaults(batch=256, pretrain_batch=256)
         args = p.parse_args(argv)
     try:
         args.topk = tuple(sorted({int(k) for k in args.topk.split(",")}))
@@ -72,13 +74,13 @@ def parse_args(argv=None):
         p.error(f"--topk must be positive integers separated by commas, got {args.topk!r}")
     if 20 not in args.topk:
         args.topk = tuple(sorted(args.topk + (20,)))  # early stopping reads Recall@20
-    for name in ("dim", "epochs", "batch", "knn", "neg"):
+    for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.layers < 0 or args.pretrain_epochs < 0 or args.patience < 1:
         p.error("--layers and --pretrain-epochs must be >= 0, --patience >= 1")
-    if args.tau <= 0:
-        p.error("--tau must be positive")
+    if args.tau < 0.025:
+        p.error("--tau must be at least 0.025 (below, float32 exp underflows in the InfoNCE)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -120,7 +122,8 @@ def run(args, data, model, load_seconds):
         R = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(data["n_users"], data["n_items"]))
         t = time.perf_counter()
         pre = mmcpr.pretrain(R, item_feats, user_feat, dim=args.dim, knn=args.knn, layers=args.layers,
-                             epochs=args.pretrain_epochs, batch=args.batch, lr=args.pretrain_lr, neg=args.neg,
+                             epochs=args.pretrain_epochs, batch=args.pretrain_batch,
+                             align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
                              tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
                              user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
                              align=not args.no_align, device=args.device, seed=args.seed, log=print)

@@ -63,6 +63,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2 and "no such folder" in p.stderr and "Traceback" not in p.stderr
     p = run("--data", data, "--modalities", "text")
     assert p.returncode == 2 and "Traceback" not in p.stderr
+    p = run("--data", data, "--tau", "0.01")
+    assert p.returncode == 2 and "--tau must be at least 0.025" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
