@@ -195,6 +195,14 @@ def sample_negatives(keys, users, n_items, n_neg, rng):
 # -----------------------------------------------------------------------------
 # the model
 
+def prepare(x, standardize=True):
+    """Feature matrix [N, f] -> float32 tensor, by default standardised per dimension (zero mean,
+    unit variance over the rows). TikTok's image features share an offset of norm 31 against a
+    spread of about 1.3 a dimension: raw, every item's projection points the same way."""
+    x = torch.from_numpy(np.asarray(x, np.float32))
+    return (x - x.mean(0)) / (x.std(0, correction=0) + 1e-6) if standardize else x
+
+
 def projector(f, d):
     return nn.Sequential(nn.Linear(f, d), nn.LeakyReLU(), nn.Linear(d, d))
 
@@ -246,7 +254,8 @@ class MMCPR(nn.Module):
 
 def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=30, batch=8192,
              align_batch=1024, lr=1e-2, neg=8, tau=0.2, lambda_align=0.01, l2=1e-3, fusion='attention',
-             user_graph=True, item_graph=True, align=True, device='cpu', seed=0, log=print):
+             user_graph=True, item_graph=True, align=True, standardize=True, device='cpu', seed=0,
+             log=print):
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content
     features {name: [I, f]} and optional user review features [U, f]. Returns a dict of
     user_emb [U, d], item_emb [I, d] (fused h, eval mode), modality_weights, graph_seconds,
@@ -278,8 +287,8 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     graph_seconds = time.perf_counter() - t
     log(f'graphs: {A_user.nnz - n_users} user edges, {A_item.nnz - n_items} item edges, {graph_seconds:.2f}s')
 
-    feats = {name: torch.from_numpy(np.asarray(f, np.float32)) for name, f in item_feats.items()}
-    review = None if user_feat is None else torch.from_numpy(np.asarray(user_feat, np.float32))
+    feats = {name: prepare(f, standardize) for name, f in item_feats.items()}
+    review = None if user_feat is None else prepare(user_feat, standardize)
     model = MMCPR(n_users, n_items, to_torch_sparse(A_user, device), to_torch_sparse(A_item, device),
                   feats, review, dim, layers, fusion).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)

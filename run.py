@@ -58,6 +58,7 @@ def parse_args(argv=None):
     g.add_argument("--no-user-graph", action="store_true", help="no propagation over the user graph")
     g.add_argument("--no-item-graph", action="store_true", help="no propagation over the item graph")
     g.add_argument("--no-reviews", action="store_true", help="ignore review_feat.npy")
+    g.add_argument("--no-standardize", action="store_true", help="feed content features raw, not z-scored per dimension")
     g = p.add_argument_group("raw data to features")
     g.add_argument("--kcore", type=int, default=0, help="k-core filter when converting raw data")
     g.add_argument("--text-encoder", help="local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)")
@@ -126,7 +127,8 @@ def run(args, data, model, load_seconds):
                              align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
                              tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
                              user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
-                             align=not args.no_align, device=args.device, seed=args.seed, log=print)
+                             align=not args.no_align, standardize=not args.no_standardize,
+                             device=args.device, seed=args.seed, log=print)
         timings["graphs"] = pre["graph_seconds"]
         timings["pretrain"] = time.perf_counter() - t - pre["graph_seconds"]
         init = dict(user_init=pre["user_emb"], item_init=pre["item_emb"])

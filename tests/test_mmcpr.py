@@ -240,6 +240,18 @@ def test_sample_negatives_never_returns_a_training_positive(seed, n_users, n_ite
     assert ((neg >= 0) & (neg < n_items)).all()
     assert not R[np.repeat(users, n_neg), neg.ravel()].any()
 
+@FAST
+@given(st.integers(0, 10**6), st.integers(2, 30), st.integers(1, 6), st.floats(-100, 100), st.floats(0.01, 50))
+def test_prepare_standardises_each_dimension(seed, n, f, offset, scale):
+    x = (np.random.default_rng(seed).standard_normal((n, f)) * scale + offset).astype(np.float16)
+    x[:, 0] = offset                                                    # a constant column maps to 0
+    z = mmcpr.prepare(x)
+    assert z.dtype == torch.float32 and z.shape == (n, f)
+    assert torch.allclose(z.mean(0), torch.zeros(f), atol=1e-3) and (z[:, 0] == 0).all()
+    spread = torch.from_numpy(x.astype(np.float32)).std(0) > 1e-3     # columns float16 did not flatten
+    assert torch.allclose(z.std(0, correction=0)[spread], torch.ones(int(spread.sum())), atol=1e-3)
+    assert torch.equal(mmcpr.prepare(x, standardize=False), torch.from_numpy(x.astype(np.float32)))
+
 # ---------------------------------------------------------------------------- model
 
 def make_model(n_users, n_items, feat_dims, review_dim=None, dim=8, fusion='attention', seed=0):
