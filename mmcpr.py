@@ -17,10 +17,12 @@ In paper order:
 Choices where the paper is silent (all kept deliberately simple):
 - kNN graph: each node keeps its top-k neighbours by co-interaction count (ties to the
   lower index), kept edges are binary and symmetrised by union, Â = D^-1/2 (A+I) D^-1/2;
-- ID embeddings start as N(0, 0.1²); projector = Linear(f, d) -> LeakyReLU -> Linear(d, d);
+- ID embeddings start as N(0, 0.1²); projector = Linear(f, d) -> LeakyReLU -> Linear(d, d),
+  fed features z-scored per dimension (`prepare`);
 - aligned representations are the projector outputs, before graph propagation;
-- L2 term = mean squared norm of the batch's ego ID embeddings, summed over users,
-  positive items and negative items; defaults lambda_align = 0.01, tau = 0.2, l2 = 1e-3;
+- L2 term = mean squared norm of the batch's ego representations (ID embeddings and content
+  projections alike, so that no modality grows unchecked), summed over users, positive items
+  and negative items; defaults lambda_align = 0.01, tau = 0.2, l2 = 1e-3;
 - 8 sampled negatives per observed pair, Adam lr 1e-2, 30 epochs, lambda_align = 0.01:
   chosen on TikTok's valid split (1 negative at lr 1e-3 left the BCE model under-trained;
   lambda_align 0.1 scored lower on valid than 0.01); 3 GCN layers beat 2 on the valid
@@ -242,12 +244,14 @@ class MMCPR(nn.Module):
         return att(H)
 
     def forward(self):
-        z = {name: self.item_proj[name](getattr(self, 'feat_' + name)) for name in self.content}  # [I, d]
-        Eu = [self.user_id.weight] + ([self.user_proj(self.user_feat)] if self.user_proj is not None else [])
-        Ei = [self.item_id.weight] + [z[name] for name in self.content]
-        h_u, alpha_u = self.side(self.user_adj, torch.stack(Eu, 1), self.user_att)  # [U, d], [U, Mu]
-        h_i, alpha_i = self.side(self.item_adj, torch.stack(Ei, 1), self.item_att)  # [I, d], [I, Mi]
-        return h_u, h_i, z, alpha_u, alpha_i
+        """-> fused h_u [U, d], h_i [I, d]; ego modality representations E_u [U, Mu, d], E_i [I, Mi, d]
+        in the order of user_modalities, item_modalities; attention weights α_u [U, Mu], α_i [I, Mi]."""
+        E_u = [self.user_id.weight] + ([self.user_proj(self.user_feat)] if self.user_proj is not None else [])
+        E_i = [self.item_id.weight] + [self.item_proj[name](getattr(self, 'feat_' + name)) for name in self.content]
+        E_u, E_i = torch.stack(E_u, 1), torch.stack(E_i, 1)
+        h_u, alpha_u = self.side(self.user_adj, E_u, self.user_att)
+        h_i, alpha_i = self.side(self.item_adj, E_i, self.item_att)
+        return h_u, h_i, E_u, E_i, alpha_u, alpha_i
 
 # -----------------------------------------------------------------------------
 # pre-training
@@ -305,14 +309,15 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
             idx = perm[s:s + batch]
             j = sample_negatives(keys, users[idx], n_items, neg, rng)  # [B, neg]
             u, i, j = (torch.from_numpy(x.astype(np.int64)).to(device) for x in (users[idx], items[idx], j))
-            h_u, h_i, z, _, _ = model()
+            h_u, h_i, E_u, E_i, _, _ = model()
+            z = dict(zip(model.content, E_i[:, 1:].unbind(1)))         # item content projections [I, d]
             # Row look-ups go through F.embedding (= h_u[u]): its backward is 4x faster than indexing's.
             hu = F.embedding(u, h_u)                                   # [B, d]
             loss_bce = bce_loss((hu * F.embedding(i, h_i)).sum(-1),    # [B]
                                 (hu.unsqueeze(1) * F.embedding(j, h_i)).sum(-1))  # [B, neg]
             loss_align = alignment_loss(z, i, tau, align_batch) if align else torch.zeros((), device=device)
-            sq_u, sq_i = model.user_id.weight.pow(2).sum(1), model.item_id.weight.pow(2).sum(1)  # [U], [I]
-            reg = sq_u[u].mean() + sq_i[i].mean() + sq_i[j].mean()    # ego ID embeddings of the batch
+            sq_u, sq_i = E_u.pow(2).sum((1, 2)), E_i.pow(2).sum((1, 2))  # [U], [I] over ego modalities
+            reg = sq_u[u].mean() + sq_i[i].mean() + sq_i[j].mean()
             loss = loss_bce + lambda_align * loss_align + l2 * reg
             opt.zero_grad()
             loss.backward()
@@ -325,7 +330,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
 
     model.eval()
     with torch.no_grad():
-        h_u, h_i, _, alpha_u, alpha_i = model()
+        h_u, h_i, _, _, alpha_u, alpha_i = model()
     return {
         'user_emb': h_u.cpu().numpy().astype(np.float32),
         'item_emb': h_i.cpu().numpy().astype(np.float32),

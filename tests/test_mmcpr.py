@@ -268,7 +268,8 @@ def make_model(n_users, n_items, feat_dims, review_dim=None, dim=8, fusion='atte
 
 def test_one_step_gives_every_parameter_a_gradient():
     R, model = make_model(20, 15, {'text': 6, 'image': 5}, review_dim=4)
-    h_u, h_i, z, _, _ = model()
+    h_u, h_i, _, E_i, _, _ = model()
+    z = {'text': E_i[:, 1], 'image': E_i[:, 2]}
     u, i = (torch.from_numpy(x.astype(np.int64)) for x in R.nonzero())
     j = torch.randint(0, 15, (len(u), 1))
     loss = mmcpr.bce_loss((h_u[u] * h_i[i]).sum(-1), (h_u[u].unsqueeze(1) * h_i[j]).sum(-1))
@@ -292,10 +293,11 @@ def test_one_step_gives_every_parameter_a_gradient():
 def test_output_shapes(n_users, n_items, dims, review_dim, dim, fusion):
     feat_dims = {f'm{k}': f for k, f in enumerate(dims)}
     _, model = make_model(n_users, n_items, feat_dims, review_dim, dim, fusion)
-    h_u, h_i, z, alpha_u, alpha_i = model()
+    h_u, h_i, E_u, E_i, alpha_u, alpha_i = model()
     Mu, Mi = 1 + (review_dim is not None), 1 + len(dims)
     assert h_u.shape == (n_users, dim) and h_i.shape == (n_items, dim)
-    assert set(z) == set(feat_dims) and all(v.shape == (n_items, dim) for v in z.values())
+    assert E_u.shape == (n_users, Mu, dim) and E_i.shape == (n_items, Mi, dim)
+    assert model.content == list(feat_dims) and torch.equal(E_i[:, 0], model.item_id.weight)
     assert alpha_u.shape == (n_users, Mu) and alpha_i.shape == (n_items, Mi)
     assert torch.allclose(alpha_u.sum(1), torch.ones(n_users)) and torch.allclose(alpha_i.sum(1), torch.ones(n_items))
 
