@@ -42,7 +42,7 @@ def parse_args(argv=None):
     g.add_argument("--l2", type=float, default=3e-2, help="L2 weight on the batch embeddings (chosen on valid)")
     g.add_argument("--batch", type=int, default=2048, help="training pairs per MF-BPR step")
     g = p.add_argument_group("MMCPR pre-training")
-    g.add_argument("--pretrain-epochs", type=int, default=30)
+    g.add_argument("--pretrain-epochs", type=int, default=100, help="chosen on valid")
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
     g.add_argument("--align-batch", type=int, default=1024, help="most items in one InfoNCE group")
     g.add_argument("--pretrain-lr", type=float, default=1e-2)
