@@ -10,9 +10,10 @@ In paper order:
    audio) is propagated LightGCN-style over that side's graph;
 3. inter-modal aggregation: attention over a node's modality representations;
 4. contrastive inter-modal alignment: symmetric InfoNCE between every pair of item
-   content modalities, with the batch's distinct items as negatives (`info_nce`);
+   content modalities, the batch's other distinct items as negatives (`info_nce`,
+   `alignment_loss`);
 5. pre-training objective: BCE on observed vs sampled unobserved (user, item) pairs
-   plus lambda_align * alignment plus L2 on the batch's ID embeddings (`pretrain`).
+   plus lambda_align * alignment plus L2 on the batch's ego representations (`pretrain`).
 
 Choices where the paper is silent (all kept deliberately simple):
 - kNN graph: each node keeps its top-k neighbours by co-interaction count (ties to the
@@ -20,9 +21,10 @@ Choices where the paper is silent (all kept deliberately simple):
 - ID embeddings start as N(0, 0.1²); projector = Linear(f, d) -> LeakyReLU -> Linear(d, d),
   fed features z-scored per dimension (`prepare`);
 - aligned representations are the projector outputs, before graph propagation;
-- L2 term = mean squared norm of the batch's ego representations (ID embeddings and content
-  projections alike, so that no modality grows unchecked), summed over users, positive items
-  and negative items; defaults lambda_align = 0.01, tau = 0.2, l2 = 1e-3;
+- L2 term = squared norm of a node's ego representations summed over its modalities (ID
+  embedding and content projections alike, so that none grows unchecked), averaged over the
+  batch's users, positive items and negative items, and the three added; defaults
+  lambda_align = 0.01, tau = 0.2, l2 = 1e-3;
 - 8 sampled negatives per observed pair, Adam lr 1e-2, lambda_align = 0.01: chosen on
   TikTok's valid split with an earlier build (2048-pair steps, raw features; not re-tuned
   since: 1 negative at lr 1e-3 left the BCE model under-trained;
@@ -169,8 +171,10 @@ def alignment_loss(z, items, tau, group):
     distinct `items` (a repeated item is no negative of itself). They are shuffled into groups
     of at most `group`, an item's negatives being the rest of its group: this bounds the
     [B, B] similarity matrix, whose cost on the CPU grows faster than B² once it leaves the cache.
-    z: {modality: [I, d]}, items: [B] -> scalar, the item-weighted mean over groups
-    (0 with fewer than two modalities)."""
+    z: {modality: [I, d]}, items: [B] -> scalar: summed over modality pairs, per pair the
+    item-weighted mean over groups (0 with fewer than two modalities)."""
+    if len(z) < 2:
+        return torch.zeros((), device=items.device)
     uniq = torch.unique(items)
     groups = uniq[torch.randperm(len(uniq), device=uniq.device)].tensor_split(-(-len(uniq) // group))
     return sum((len(g) / len(uniq) * info_nce(F.embedding(g, z[a]), F.embedding(g, z[b]), tau)
@@ -203,9 +207,13 @@ def sample_negatives(keys, users, n_items, n_neg, rng):
 def prepare(x, standardize=True):
     """Feature matrix [N, f] -> float32 tensor, by default standardised per dimension (zero mean,
     unit variance over the rows). TikTok's image features share an offset of norm 31 against a
-    spread of about 1.3 a dimension: raw, every item's projection points the same way."""
+    spread of about 1.3 a dimension: raw, every item's projection points the same way.
+    A column whose spread is float rounding of its mean (constant in truth) maps to 0."""
     x = torch.from_numpy(np.asarray(x, np.float32))
-    return (x - x.mean(0)) / (x.std(0, correction=0) + 1e-6) if standardize else x
+    if not standardize:
+        return x
+    mu, sd = x.mean(0), x.std(0, correction=0)
+    return (x - mu) / torch.where(sd > 1e-5 * (1 + mu.abs()), sd + 1e-6, torch.inf)
 
 
 def projector(f, d):
@@ -314,7 +322,8 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
             u, i, j = (torch.from_numpy(x.astype(np.int64)).to(device) for x in (users[idx], items[idx], j))
             h_u, h_i, E_u, E_i, _, _ = model()
             z = dict(zip(model.content, E_i[:, 1:].unbind(1)))         # item content projections [I, d]
-            # Row look-ups go through F.embedding (= h_u[u]): its backward is 4x faster than indexing's.
+            # Row look-ups of [N, d] tables go through F.embedding (= h_u[u]): its backward is 4x
+            # faster than indexing's.
             hu = F.embedding(u, h_u)                                   # [B, d]
             loss_bce = bce_loss((hu * F.embedding(i, h_i)).sum(-1),    # [B]
                                 (hu.unsqueeze(1) * F.embedding(j, h_i)).sum(-1))  # [B, neg]

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
     g.add_argument("--align-batch", type=int, default=1024, help="most items in one InfoNCE group")
     g.add_argument("--pretrain-lr", type=float, default=1e-2)
-    g.add_argument("--pretrain-l2", type=float, default=1e-3, help="L2 weight on the batch ID embeddings")
+    g.add_argument("--pretrain-l2", type=float, default=1e-3, help="L2 weight on the batch's ego representations")
     g.add_argument("--knn", type=int, default=10, help="neighbours kept per node in the homogeneous graphs")
     g.add_argument("--layers", type=int, default=3, help="GCN layers of intra-modal aggregation (chosen on valid)")
     g.add_argument("--neg", type=int, default=8, help="sampled negatives per observed pair (BCE)")
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--image-encoder", help="local Hugging Face vision model folder")
     g.add_argument("--rebuild-features", action="store_true", help="re-encode even if cached")
     args = p.parse_args(argv)
-    if args.data is None:  # the demo's 6.6k training pairs are 4 batches of 2048: too few steps to learn
+    if args.data is None:  # the demo's 6.6k training pairs: batches of 2048 or 8192 are too few steps
         p.set_defaults(batch=256, pretrain_batch=256)
         args = p.parse_args(argv)
     try:

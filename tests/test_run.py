@@ -84,13 +84,16 @@ def test_pretraining_sees_training_pairs_only(tmp_path, monkeypatch):
     seen = {}
 
     def fake_pretrain(R, *args, **kwargs):
-        seen["R"] = R
+        seen["R"], seen["kwargs"] = R, kwargs
         raise ValueError("stop here")
 
     monkeypatch.setattr(mmcpr, "pretrain", fake_pretrain)
-    args = run_module.parse_args(["--data", "x", "--out", str(tmp_path / "out")])
+    args = run_module.parse_args(["--data", "x", "--out", str(tmp_path / "out"), "--pretrain-batch", "96",
+                                  "--align-batch", "7", "--no-standardize", "--batch", "5"])
     with pytest.raises(ValueError, match="stop here"):
         run_module.run(args, data, "mmcpr", 0.0)
+    kw = seen["kwargs"]                                 # the flags reach pre-training, --batch does not
+    assert (kw["batch"], kw["align_batch"], kw["standardize"]) == (96, 7, False)
     R = seen["R"].tocsr()
     assert R.nnz == len(data["train"][0]) and R[data["train"]].min() == 1
     for split in ("valid", "test"):
