@@ -177,8 +177,8 @@ def alignment_loss(z, items, tau, group):
         return torch.zeros((), device=items.device)
     uniq = torch.unique(items)
     groups = uniq[torch.randperm(len(uniq), device=uniq.device)].tensor_split(-(-len(uniq) // group))
-    return sum((len(g) / len(uniq) * info_nce(F.embedding(g, z[a]), F.embedding(g, z[b]), tau)
-                for a, b in itertools.combinations(z, 2) for g in groups), torch.zeros((), device=items.device))
+    return sum(len(g) / len(uniq) * info_nce(F.embedding(g, z[a]), F.embedding(g, z[b]), tau)
+               for a, b in itertools.combinations(z, 2) for g in groups)
 
 
 def bce_loss(pos_logits, neg_logits):
