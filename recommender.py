@@ -1,19 +1,23 @@
-"""The downstream recommender: matrix factorisation with BPR, and its evaluation.
+"""The downstream recommenders, MF-BPR and LightGCN, and their evaluation.
 
-MMCPR pre-trains user and item representations and hands them to an existing
-recommender, which is then fine-tuned as usual. This file is that recommender,
-self-contained:
+MMCPR pre-trains user and item representations and hands them to "an existing
+recommendation model", which is then fine-tuned as usual. This file holds two
+such models, self-contained:
 
     sample_negatives   uniform negatives that are never a training positive
     Evaluator          full-ranking Recall/NDCG/Precision/Hit@K, MMRec protocol
-    MF, bpr_loss       matrix factorisation scored by the BPR loss
-    train_mf           Adam, early stopping on valid Recall@20, best-valid test
+    MF                 matrix factorisation, score(u, i) = e_u . e_i
+    LightGCN           He et al. (SIGIR 2020): e_u, e_i averaged over K
+                       propagations on the normalised user-item graph
+    bpr_loss           the pairwise loss both are trained with
+    train              Adam, early stopping on valid Recall@20, best-valid test
 
 Everything takes plain numpy arrays of (user, item) pairs and, for the
-hand-off, optional initial embeddings. Nothing here imports the rest of the
-project.
+hand-off, optional initial (layer-0) embeddings. Nothing here imports the rest
+of the project.
 """
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -28,6 +32,7 @@ def sample_negatives(users, pos_keys, n_items, rng):
     Collisions are redrawn in rounds (a handful for sparse data), never a loop
     over users.
     """
+    users = np.asarray(users, np.int64)  # int32 ids would overflow user * n_items
     neg = rng.integers(0, n_items, len(users))
     bad = np.arange(len(users) if len(pos_keys) else 0)
     while len(bad):
@@ -46,21 +51,20 @@ class Evaluator:
     over the users that have relevant items in the split.
 
     Instead of a top-K list per user we compute the rank of each held-out pair
-    (u, i): the number of items u has not trained on that score above i. This
-    gives the metrics of a torch.topk ranking (up to exact float ties, which
-    count against the item, so collapsed embeddings score nothing) with one
-    matmul and one comparison pass per batch of pairs, several times faster
-    than sorting on a CPU.
+    (u, i): the number of items u has not trained on that score at least as
+    high as i. This gives the metrics of a torch.topk ranking (up to exact
+    float ties, which count against the item, so collapsed embeddings score
+    nothing) with one matmul and one comparison pass per batch of pairs.
     """
 
     def __init__(self, n_items, train, target, ks=(10, 20, 50), batch=4096, device="cpu"):
         self.ks, self.device = tuple(ks), torch.device(device)
-        users, items = (a[np.lexsort(target[::-1])] for a in target)  # held-out pairs by user
+        users, items = (np.asarray(a, np.int64)[np.lexsort(target[::-1])] for a in target)  # held-out pairs by user
         ids, self.pair_user, n_rel = np.unique(users, return_inverse=True, return_counts=True)
         self.n_eval = len(ids)
         t = np.lexsort(train[::-1])  # training items of user u: tr_items[tr_ptr[u]:tr_ptr[u + 1]]
-        tr_items = train[1][t]
-        tr_ptr = np.searchsorted(train[0][t], np.arange(max(train[0].max(), users.max()) + 2))
+        tr_items = np.asarray(train[1], np.int64)[t]
+        tr_ptr = np.searchsorted(np.asarray(train[0])[t], np.arange(max(train[0].max(), users.max()) + 2))
         T = lambda x: torch.as_tensor(x, device=self.device)
         self.batches = []
         for lo in range(0, len(users), batch):
@@ -75,16 +79,24 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, user_emb, item_emb):
-        """user_emb [n_users, d], item_emb [n_items, d] -> {'recall@20': ..., ...}."""
-        if not (torch.isfinite(user_emb).all() and torch.isfinite(item_emb).all()):
-            raise FloatingPointError("non-finite embeddings: training diverged (try a lower --lr)")
+        """user_emb [n_users, d], item_emb [n_items, d] -> {'recall@20': ..., ...}.
+
+        A NaN score compares false with everything and would rank its item first,
+        so every score must be finite. |e_u . e_i| <= |e_u| |e_i| (Cauchy-Schwarz,
+        for every partial sum too), so finite embeddings whose largest norms
+        multiply to a finite float32 guarantee that, at the cost of one pass
+        over the embeddings instead of over the [users, items] scores."""
+        norm = lambda e: torch.linalg.vector_norm(e.double(), dim=1).max()
+        if not (torch.isfinite(user_emb).all() and torch.isfinite(item_emb).all()
+                and norm(user_emb) * norm(item_emb) < torch.finfo(torch.float32).max):
+            raise FloatingPointError("non-finite scores: training diverged")
         total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision")}
         n_hit = torch.zeros(len(self.ks), self.n_eval, device=self.device)  # per user, for Hit@K
         for users, items, mask_rows, mask_cols, pair_user, n_rel in self.batches:
             scores = user_emb[users] @ item_emb.T  # [P, n_items], one row per held-out pair
             scores[mask_rows, mask_cols] = -torch.inf  # training items are never recommended
             s = scores.gather(1, items[:, None])  # [P, 1]
-            rank = scores.ge_(s).sum(1) - 1  # [P] 0-based rank, ties against the item (in place: 5x faster)
+            rank = scores.ge_(s).sum(1) - 1  # [P] 0-based rank, ties against the item (in place: no bool copy)
             for j, k in enumerate(self.ks):
                 hit = (rank < k).float()  # [P]
                 total[f"recall@{k}"] += (hit / n_rel).sum().item()
@@ -99,32 +111,84 @@ class Evaluator:
 class MF(nn.Module):
     """Matrix factorisation: score(u, i) = e_u . e_i.
 
-    Users and items live in one table, users first, so that a BPR step builds
-    one dense gradient and makes one Adam update instead of three (2x faster).
+    Users and items live in one layer-0 table `ego` [n_users + n_items, d],
+    users first, so that a BPR step builds one gradient and makes one Adam
+    update. forward() returns the final embeddings of every node; for MF they
+    are the table itself.
     """
 
     def __init__(self, n_users, n_items, dim=64, user_init=None, item_init=None):
         super().__init__()
         self.n_users = n_users
-        self.emb = nn.Parameter(torch.empty(n_users + n_items, dim))
-        for part, init in ((self.user, user_init), (self.item, item_init)):
+        ego = torch.empty(n_users + n_items, dim)
+        for part, init in ((ego[:n_users], user_init), (ego[n_users:], item_init)):
             if init is None:
-                nn.init.xavier_normal_(part)  # as MMRec's BPR, fan-in/out of each table
+                nn.init.xavier_normal_(part)  # as MMRec's BPR and LightGCN, fan-in/out of each table
             else:
                 part.copy_(torch.as_tensor(init, dtype=torch.float32))
+        self.ego = nn.Parameter(ego)
 
-    @property
-    def user(self):  # [n_users, d]
-        return self.emb.data[: self.n_users]
+    def forward(self):  # [n_users + n_items, d]
+        return self.ego
 
-    @property
-    def item(self):  # [n_items, d]
-        return self.emb.data[self.n_users:]
+    @torch.no_grad()
+    def embeddings(self):
+        """(users [n_users, d], items [n_items, d]): the final embeddings, for scoring."""
+        return self().detach().split([self.n_users, len(self.ego) - self.n_users])
 
-    def forward(self, users, pos, neg):
-        """Embeddings of a batch of (user, positive item, negative item) triples: [3, B, d]."""
-        idx = torch.stack([users, pos + self.n_users, neg + self.n_users])  # [3, B]
-        return F.embedding(idx, self.emb)
+
+class SymmetricSpMM(torch.autograd.Function):
+    """Y = Â X for a symmetric sparse Â, so dX = Â dY (torch's own sparse backward
+    transposes Â on every call). LightGCN checks that its Â is symmetric."""
+
+    @staticmethod
+    def forward(ctx, A, X):
+        ctx.A = A
+        return A @ X
+
+    @staticmethod
+    def backward(ctx, dY):
+        return None, ctx.A @ dY
+
+
+def bipartite_adjacency(n_users, n_items, users, items):
+    """Â = D^-1/2 A D^-1/2 of the user-item graph A = [[0, R], [Rᵀ, 0]] (LightGCN,
+    eq. 7: no self-loops), over users then items: [n_users + n_items] square,
+    float32 torch sparse CSR. A node without training pairs keeps a zero row."""
+    n = n_users + n_items
+    keys = np.unique(np.asarray(users, np.int64) * n_items + np.asarray(items, np.int64))  # duplicates count once
+    u, i = keys // n_items, keys % n_items + n_users
+    rows, cols = np.concatenate([u, i]), np.concatenate([i, u])
+    order = np.lexsort((cols, rows))  # CSR order: by row, then column
+    rows, cols = rows[order], cols[order]
+    deg = np.bincount(rows, minlength=n)
+    vals = (1.0 / np.sqrt(deg[rows] * deg[cols].astype(np.float64))).astype(np.float32)  # symmetric by construction
+    indptr = np.concatenate([[0], np.cumsum(deg)])
+    with warnings.catch_warnings():  # 'CSR support is in beta state'
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols), torch.from_numpy(vals), (n, n))
+
+
+class LightGCN(MF):
+    """LightGCN (He et al., SIGIR 2020): e^(k+1) = Â e^(k) on the user-item graph,
+    final e = mean_k e^(k) for k = 0..K (α_k = 1/(K+1)); score(u, i) = e_u . e_i.
+    The only parameters are the layer-0 embeddings `ego`, which is where a
+    pre-trained start goes."""
+
+    def __init__(self, n_users, n_items, adj, layers=2, dim=64, user_init=None, item_init=None):
+        super().__init__(n_users, n_items, dim, user_init, item_init)
+        a = adj.to_sparse_coo().coalesce()
+        at = a.t().coalesce()
+        if not (torch.equal(a.indices(), at.indices()) and torch.equal(a.values(), at.values())):
+            raise ValueError("LightGCN: the adjacency must be symmetric (its backward multiplies by it, not its transpose)")
+        self.adj, self.layers = adj, layers
+
+    def forward(self):  # [n_users + n_items, d]
+        x = h = self.ego
+        for _ in range(self.layers):
+            x = SymmetricSpMM.apply(self.adj, x)
+            h = h + x
+        return h / (self.layers + 1)
 
 
 def bpr_loss(pos_scores, neg_scores):
@@ -132,69 +196,90 @@ def bpr_loss(pos_scores, neg_scores):
     return -F.logsigmoid(pos_scores - neg_scores).mean()
 
 
-def train_mf(n_users, n_items, train, valid, test, *, dim=64, lr=1e-3, l2=1e-4, batch=2048,
-             epochs=1000, patience=20, ks=(10, 20, 50), user_init=None, item_init=None,
-             device="cpu", seed=0, log=print):
-    """Train MF-BPR, select the epoch on valid Recall@20, report test there.
+# Settings chosen on the valid splits of TikTok, Baby and movielens (README), the same for a
+# baseline and for fine-tuning a pre-trained start.
+TUNED = {"mf": dict(lr=1e-3, l2=3e-2), "lightgcn": dict(lr=1e-3, l2=1e-4, layers=2)}
+PATIENCE = 50
 
-    Epoch 0 is the initial embeddings themselves, so when pre-trained ones are
-    handed over, fine-tuning is kept only if it improves them on valid.
-    Returns dict(best_epoch, valid, test, user_emb, item_emb, epoch_seconds,
-    eval_seconds, history).
+
+def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None, dim=64, lr=None, l2=None,
+          batch=2048, epochs=1000, patience=PATIENCE, ks=(10, 20, 50), user_init=None, item_init=None,
+          anchor=0.0, device="cpu", seed=0, log=print):
+    """Train MF-BPR or LightGCN-BPR, select the epoch on valid Recall@20, report test there.
+
+    Each epoch draws one uniform negative per training pair; the loss of a batch
+    of B triples (u, i, j) is bpr_loss + l2 * (|e_u^0|² + |e_i^0|² + |e_j^0|²) / B
+    on their layer-0 embeddings. Epoch 0 is the initial embeddings themselves,
+    so when pre-trained ones are handed over, fine-tuning is kept only if it
+    beats them on valid. Training stops `patience` epochs after the best.
+    Returns dict(best_epoch, valid, test, user_emb, item_emb (the final
+    embeddings that scored), epoch_seconds, eval_seconds, history).
     """
+    if model not in TUNED:
+        raise ValueError(f"unknown model {model!r} (mf or lightgcn)")
+    lr, l2 = (TUNED[model][k] if v is None else v for k, v in (("lr", lr), ("l2", l2)))
+    layers = TUNED["lightgcn"]["layers"] if layers is None else layers
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch.device(device)
     if user_init is not None:
         dim = user_init.shape[1]
-    model = MF(n_users, n_items, dim, user_init, item_init).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # fused: 3x faster steps on CPU
-    users, items = train
+    users, items = (np.asarray(a, np.int64) for a in train_pairs)
     if np.bincount(users).max() >= n_items:
         raise ValueError("a user has trained on every item: no negative to sample")
+    if model == "mf":
+        net = MF(n_users, n_items, dim, user_init, item_init).to(device)
+    else:
+        adj = bipartite_adjacency(n_users, n_items, users, items).to(device)
+        net = LightGCN(n_users, n_items, adj, layers, dim, user_init, item_init).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)  # fused: one kernel for the whole update
     pos_keys = np.sort(users * n_items + items)
     users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
-    ev_valid = Evaluator(n_items, train, valid, ks, device=device)
-    ev_test = Evaluator(n_items, train, test, ks, device=device)
+    ev_valid = Evaluator(n_items, (users, items), valid, ks, device=device)
+    ev_test = Evaluator(n_items, (users, items), test, ks, device=device)
 
-    def validate():
+    def evaluate(ev):
         t = time.perf_counter()
-        m = ev_valid.evaluate(model.user, model.item)
+        m = ev.evaluate(*net.embeddings())
         eval_seconds.append(time.perf_counter() - t)
         return m
 
     epoch_seconds, eval_seconds = [], []
-    best = validate()
-    best_epoch, best_state = 0, model.emb.detach().clone()
+    best = evaluate(ev_valid)
+    best_epoch, best_state = 0, net.ego.detach().clone()
+    start = best_state if anchor else None  # the layer-0 start that `anchor` pulls back to
     history = [dict(epoch=0, loss=None, **{f"valid_{k}": v for k, v in best.items()})]
-    log(f"mf epoch 0 (init): valid recall@20 {best['recall@20']:.4f}")
+    log(f"{model} epoch 0 (init): valid recall@20 {best['recall@20']:.4f}")
     for epoch in range(1, epochs + 1):
         t = time.perf_counter()
         perm = torch.as_tensor(rng.permutation(len(users)), device=device)
         negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, rng), device=device)
         total = 0.0
         for idx in perm.split(batch):
-            e = model(users_t[idx], items_t[idx], negs[idx])  # [3, B, d]: users, positives, negatives
-            u, i, j = e
-            loss = bpr_loss((u * i).sum(1), (u * j).sum(1)) + l2 * e.square().sum() / len(idx)
+            node = torch.stack([users_t[idx], items_t[idx] + n_users, negs[idx] + n_users])  # [3, B]
+            u, i, j = F.embedding(node, net())  # [3, B, d] final embeddings (F.embedding: a fast backward)
+            e0 = F.embedding(node, net.ego)  # [3, B, d] layer-0
+            loss = bpr_loss((u * i).sum(1), (u * j).sum(1)) + l2 * e0.square().sum() / len(idx)
+            if anchor:
+                loss = loss + anchor * (e0 - F.embedding(node, start)).square().sum() / len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         epoch_seconds.append(time.perf_counter() - t)
-        m = validate()
+        m = evaluate(ev_valid)
         history.append(dict(epoch=epoch, loss=total / len(users), **{f"valid_{k}": v for k, v in m.items()}))
-        log(f"mf epoch {epoch}: loss {total / len(users):.4f}  valid recall@20 {m['recall@20']:.4f}  "
+        log(f"{model} epoch {epoch}: loss {total / len(users):.4f}  valid recall@20 {m['recall@20']:.4f}  "
             f"{epoch_seconds[-1]:.2f}s + eval {eval_seconds[-1]:.2f}s")
         if m["recall@20"] > best["recall@20"]:
             best, best_epoch = m, epoch
-            best_state = model.emb.detach().clone()
+            best_state = net.ego.detach().clone()
         elif epoch - best_epoch >= patience:
             break
-    model.emb.data.copy_(best_state)
-    t = time.perf_counter()
-    test_m = ev_test.evaluate(model.user, model.item)
-    eval_seconds.append(time.perf_counter() - t)
+    with torch.no_grad():
+        net.ego.copy_(best_state)
+    test_m = evaluate(ev_test)
+    user_emb, item_emb = net.embeddings()
     return dict(best_epoch=best_epoch, valid=best, test=test_m,
-                user_emb=model.user.cpu().numpy(), item_emb=model.item.cpu().numpy(),
+                user_emb=user_emb.cpu().numpy(), item_emb=item_emb.cpu().numpy(),
                 epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, history=history)

@@ -1,15 +1,16 @@
-"""Train and evaluate MMCPR (or plain MF-BPR) on one dataset: the whole pipeline.
+"""Train and evaluate MMCPR (or a baseline alone) on one dataset: the whole pipeline.
 
-    python run.py --data ./baby --device cuda     # MMCPR pre-training + MF fine-tuning
-    python run.py --data ./baby --model mf        # the MF-BPR baseline alone
+    python run.py --data ./baby --device cuda     # MMCPR pre-training + LightGCN fine-tuning
+    python run.py --data ./baby --model lightgcn  # a baseline alone: lightgcn or mf
     python run.py                                 # offline demo on synthetic data
 
 Data flows one way: load (features.py) -> graphs and pre-training (mmcpr.py)
--> MF-BPR fine-tuning and evaluation (recommender.py) -> OUT/metrics.json.
-The three modules never import each other; this file wires them together with
-plain numpy arrays.
+-> fine-tuning of MF-BPR or LightGCN and evaluation (recommender.py)
+-> OUT/metrics.json. The three modules never import each other; this file
+wires them together with plain numpy arrays.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -29,31 +30,41 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", help="MMRec-layout or raw folder; omitted: run the offline demo on synthetic data")
-    a("--model", choices=("mmcpr", "mf"), default="mmcpr")
+    a("--model", choices=("mmcpr", "mf", "lightgcn"), default="mmcpr",
+      help="mmcpr: pre-train, then fine-tune --recommender; mf, lightgcn: that baseline alone")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    a("--seed", type=int, default=0)
-    a("--out", help="output folder (default runs/<dataset>-<model>-<seed>; the demo: OUT/<...>)")
+    a("--seed", type=int, default=0, help="training seed (never changes the split)")
+    a("--out", help="output folder (default runs/<dataset>-<model>-s<seed>-<digest of the settings>)")
     a("--topk", default="10,20,50", help="comma-separated cut-offs K")
-    g = p.add_argument_group("MF-BPR fine-tuning")
+    g = p.add_argument_group("the recommender (a baseline, or MMCPR's fine-tuning)")
+    g.add_argument("--recommender", choices=("mf", "lightgcn"), default="lightgcn",
+                   help="the downstream model that fine-tunes MMCPR's representations")
+    g.add_argument("--ui-layers", type=int, default=recommender.TUNED["lightgcn"]["layers"],
+                   help="LightGCN propagation layers on the user-item graph")
     g.add_argument("--dim", type=int, default=64, help="embedding size d")
     g.add_argument("--epochs", type=int, default=1000)
-    g.add_argument("--patience", type=int, default=20, help="epochs without a better valid Recall@20")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--l2", type=float, default=3e-2, help="L2 weight on the batch embeddings (chosen on valid)")
-    g.add_argument("--batch", type=int, default=2048, help="training pairs per MF-BPR step")
+    g.add_argument("--patience", type=int, default=recommender.PATIENCE,
+                   help="epochs without a better valid Recall@20")
+    g.add_argument("--lr", type=float, help="default: " + ", ".join(f"{m} {t['lr']:g}" for m, t in recommender.TUNED.items()))
+    g.add_argument("--l2", type=float, help="L2 weight on the batch's layer-0 embeddings; default: "
+                   + ", ".join(f"{m} {t['l2']:g}" for m, t in recommender.TUNED.items()))
+    g.add_argument("--batch", type=int, default=2048, help="training triples per BPR step")
+    g.add_argument("--anchor", type=float, default=0.0,
+                   help="fine-tuning: L2 weight pulling the layer-0 embeddings back to the pre-trained start")
     g = p.add_argument_group("MMCPR pre-training")
-    g.add_argument("--pretrain-epochs", type=int, default=100, help="chosen on valid")
+    g.add_argument("--pretrain-epochs", type=int, default=100)
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
     g.add_argument("--align-batch", type=int, default=1024, help="most items in one InfoNCE group")
     g.add_argument("--pretrain-lr", type=float, default=1e-2)
     g.add_argument("--pretrain-l2", type=float, default=1e-3, help="L2 weight on the batch's ego representations")
     g.add_argument("--knn", type=int, default=10, help="neighbours kept per node in the homogeneous graphs")
-    g.add_argument("--layers", type=int, default=3, help="GCN layers of intra-modal aggregation (chosen on valid)")
+    g.add_argument("--layers", type=int, default=3, help="GCN layers of intra-modal aggregation")
     g.add_argument("--neg", type=int, default=8, help="sampled negatives per observed pair (BCE)")
     g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature")
-    g.add_argument("--lambda-align", type=float, default=0.01, help="weight of the alignment loss (chosen on valid)")
+    g.add_argument("--lambda-align", type=float, default=0.01, help="weight of the alignment loss")
     g.add_argument("--fusion", choices=("attention", "mean"), default="attention")
-    g.add_argument("--modalities", help="item content modalities to use, e.g. image,audio (default: all)")
+    g.add_argument("--modalities", help="item content modalities to use, e.g. image,audio; 'none': graph only "
+                                        "(default: all)")
     g.add_argument("--no-align", action="store_true", help="drop the contrastive alignment loss")
     g.add_argument("--no-user-graph", action="store_true", help="no propagation over the user graph")
     g.add_argument("--no-item-graph", action="store_true", help="no propagation over the item graph")
@@ -61,6 +72,7 @@ def parse_args(argv=None):
     g.add_argument("--no-standardize", action="store_true", help="feed content features raw, not z-scored per dimension")
     g = p.add_argument_group("raw data to features")
     g.add_argument("--kcore", type=int, default=0, help="k-core filter when converting raw data")
+    g.add_argument("--split-seed", type=int, default=0, help="orders a user's interactions only where times are missing")
     g.add_argument("--text-encoder", help="local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)")
     g.add_argument("--image-encoder", help="local Hugging Face vision model folder")
     g.add_argument("--rebuild-features", action="store_true", help="re-encode even if cached")
@@ -75,11 +87,12 @@ def parse_args(argv=None):
         p.error(f"--topk must be positive integers separated by commas, got {args.topk!r}")
     if 20 not in args.topk:
         args.topk = tuple(sorted(args.topk + (20,)))  # early stopping reads Recall@20
-    for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg"):
+    for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg", "patience"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.layers < 0 or args.pretrain_epochs < 0 or args.patience < 1:
-        p.error("--layers and --pretrain-epochs must be >= 0, --patience >= 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("layers", "ui_layers", "pretrain_epochs"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be at least 0")
     if args.tau < 0.025:
         p.error("--tau must be at least 0.025 (below, float32 exp underflows in the InfoNCE)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -88,34 +101,49 @@ def parse_args(argv=None):
     return args
 
 
-def write_atomic(path, write):
-    """Write through a temporary file in the same folder, then rename: never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600
+def run_name(args, dataset, model):
+    """<dataset>-<model>-s<seed>-<digest>: the digest covers every setting that can change
+    the result, so runs with different settings never share (or overwrite) a folder."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("data", "out", "rebuild_features")}
+    settings["model"] = model
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{dataset}-{model}" + (f"+{args.recommender}" if model == "mmcpr" else "") + f"-s{args.seed}-{digest}"
+
+
+def write_atomic(folder, outputs):
+    """outputs {file name: write(binary file)}: every file is written in full to a temporary
+    file in `folder` first, and only then are they all renamed into place, so a failed or
+    interrupted run changes nothing and the files of one run are never mixed with another's."""
+    tmps = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        for name, write in outputs.items():
+            fd, tmps[name] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+        for name, tmp in tmps.items():
+            os.replace(tmp, os.path.join(folder, name))
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
-def run(args, data, model, load_seconds):
-    """Pre-train (mmcpr) and fine-tune MF-BPR on `data`; returns the metrics dict."""
+def run(args, data, model, load_seconds, out):
+    """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; writes
+    metrics.json (and, for mmcpr, the pre-trained user_emb.npy and item_emb.npy) into `out`
+    once everything has finished, and returns the metrics dict."""
     t0 = time.perf_counter()
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0)
     item_feats, user_feat = data["item_feats"], None if args.no_reviews else data["user_feat"]
     if args.modalities:
-        wanted = args.modalities.split(",")
+        wanted = [] if args.modalities == "none" else args.modalities.split(",")
         missing = [m for m in wanted if m not in item_feats]
         if missing:
             raise features.DataError(f"--modalities: {', '.join(missing)} not in {data['name']} "
                                      f"(has: {', '.join(item_feats) or 'none'})")
         item_feats = {m: item_feats[m] for m in wanted}
-    name = f"{data['name']}-{model}-{args.seed}"  # the demo, two runs, puts both under --out
-    out = args.out if args.out and args.data else os.path.join(args.out or "runs", name)
-    os.makedirs(out, exist_ok=True)
+    downstream = args.recommender if model == "mmcpr" else model
 
     init, pre = {}, {}
     if model == "mmcpr":
@@ -131,26 +159,31 @@ def run(args, data, model, load_seconds):
                              device=args.device, seed=args.seed, log=print)
         timings["graphs"] = pre["graph_seconds"]
         timings["pretrain"] = time.perf_counter() - t - pre["graph_seconds"]
+        if not (np.isfinite(pre["user_emb"]).all() and np.isfinite(pre["item_emb"]).all()):
+            raise FloatingPointError("pre-training diverged: non-finite representations (try a lower --pretrain-lr)")
         init = dict(user_init=pre["user_emb"], item_init=pre["item_emb"])
-        for key in ("user_emb", "item_emb"):
-            write_atomic(os.path.join(out, f"{key}.npy"), lambda f: np.save(f, pre[key]))
         for side, w in pre["modality_weights"].items():
             print(f"mean {side} modality weights: " + ", ".join(f"{m} {v:.3f}" for m, v in w.items()))
         for note in pre["notes"]:
             print(f"note: {note}")
 
     t = time.perf_counter()
-    res = recommender.train_mf(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
-                               dim=args.dim, lr=args.lr, l2=args.l2, batch=args.batch, epochs=args.epochs,
-                               patience=args.patience, ks=args.topk, device=args.device, seed=args.seed,
-                               log=print, **init)
+    try:
+        res = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
+                                model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=args.l2,
+                                batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
+                                anchor=args.anchor if model == "mmcpr" else 0.0,
+                                device=args.device, seed=args.seed, log=print, **init)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{downstream} {e} (try a lower --lr)") from None
     timings["eval"] = sum(res["eval_seconds"])
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
     timings["total"] = load_seconds + time.perf_counter() - t0
 
     metrics = dict(
-        dataset=data["name"], model=model, seed=args.seed, device=args.device, best_epoch=res["best_epoch"],
-        valid=res["valid"], test=res["test"], timings_s=timings,
+        dataset=data["name"], model=model, recommender=downstream, seed=args.seed, device=args.device,
+        best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], timings_s=timings,
+        encode_seconds=data.get("encode_seconds", {}),
         seconds_per_epoch=dict(finetune=float(np.mean(res["epoch_seconds"])) if res["epoch_seconds"] else None,
                                eval=float(np.mean(res["eval_seconds"])),
                                pretrain=float(np.mean(pre["epoch_seconds"])) if pre.get("epoch_seconds") else None),
@@ -160,9 +193,14 @@ def run(args, data, model, load_seconds):
         modality_weights=pre.get("modality_weights"), notes=pre.get("notes", []),
         history=res["history"], args=vars(args) | dict(model=model),
     )
-    write_atomic(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+    os.makedirs(out, exist_ok=True)
+    outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode())}
+    if model == "mmcpr":
+        outputs.update({f"{k}.npy": lambda f, k=k: np.save(f, pre[k]) for k in ("user_emb", "item_emb")})
+    write_atomic(out, outputs)
     ks = args.topk
-    print(f"\n{data['name']} {model}: best epoch {res['best_epoch']}, {timings['total']:.1f}s, metrics in {out}/")
+    print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
+          + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s, metrics in {out}/")
     print("split  " + "".join(f"{m}@{k}".rjust(14) for k in ks for m in ("recall", "ndcg")))
     for s in ("valid", "test"):
         print(s.ljust(7) + "".join(f"{metrics[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
@@ -173,25 +211,31 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         folder, models = args.data, [args.model]
-        if folder is None:  # the embedded demo: synthetic raw data, then MF against MMCPR
-            folder, models = os.path.join("runs", "demo-data"), ["mf", "mmcpr"]
+        if folder is None:  # the embedded demo: synthetic raw data, then the baselines against MMCPR
+            folder, models = os.path.join(args.out or "runs", f"demo-data-{args.seed}"), ["mf", "lightgcn", "mmcpr"]
             print(f"no --data: running the offline demo on SYNTHETIC data generated in {folder}/")
             features.make_demo(folder, seed=args.seed)
         t = time.perf_counter()
+        conversion = {}
         if features.is_raw(folder):
-            features.convert_raw(folder, kcore=args.kcore, seed=args.seed, text_encoder=args.text_encoder,
-                                 image_encoder=args.image_encoder, device=args.device,
-                                 rebuild=args.rebuild_features, log=print)
+            conversion = features.convert_raw(folder, kcore=args.kcore, split_seed=args.split_seed,
+                                              text_encoder=args.text_encoder, image_encoder=args.image_encoder,
+                                              device=args.device, rebuild=args.rebuild_features, log=print) or {}
         data = features.load_mmrec(folder)
+        data["encode_seconds"] = conversion.get("encode_seconds", {})
         load_seconds = time.perf_counter() - t
-        results = {m: run(args, data, m, load_seconds) for m in models}
-    except (features.DataError, ValueError, ImportError, OSError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        results = {}
+        for m in models:  # --out names the folder of a single run; the demo puts its runs under it
+            name = run_name(args, data["name"], m)
+            out = args.out if args.out and args.data else os.path.join(args.out or "runs", name)
+            results[m] = run(args, data, m, load_seconds, out)
+    except (features.DataError, ImportError, FileNotFoundError, PermissionError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)  # the user's input or set-up; anything else is a bug: traceback
         return 2
     if len(results) > 1:
         print("\ndemo (synthetic data), test split:")
         for m, r in results.items():
-            print(f"  {m:6s} recall@20 {r['test']['recall@20']:.4f}  ndcg@20 {r['test']['ndcg@20']:.4f}")
+            print(f"  {m:9s} recall@20 {r['test']['recall@20']:.4f}  ndcg@20 {r['test']['ndcg@20']:.4f}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""MF-BPR, the negative sampler and the MMRec-protocol evaluator."""
+"""MF-BPR, LightGCN, the negative sampler and the MMRec-protocol evaluator."""
 import math
 import sys
 from pathlib import Path
@@ -156,8 +156,8 @@ def _toy(seed=0, n_users=40, n_items=30):
 def test_train_mf_is_deterministic_and_learns():
     n_users, n_items, train, valid, test = _toy()
     kw = dict(epochs=30, patience=30, batch=64, lr=0.01, log=lambda s: None)
-    a = rec.train_mf(n_users, n_items, train, valid, test, seed=3, **kw)
-    b = rec.train_mf(n_users, n_items, train, valid, test, seed=3, **kw)
+    a = rec.train(n_users, n_items, train, valid, test, seed=3, **kw)
+    b = rec.train(n_users, n_items, train, valid, test, seed=3, **kw)
     assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
     np.testing.assert_array_equal(a["user_emb"], b["user_emb"])
     # The two groups are easy: MF must do far better than its random start (epoch 0).
@@ -171,7 +171,7 @@ def test_train_mf_keeps_a_perfect_initialisation():
     ue = np.zeros((n_users, n_items), np.float32)
     ue[valid] = 1.0
     ie = np.eye(n_items, dtype=np.float32)
-    r = rec.train_mf(n_users, n_items, train, valid, test, user_init=ue, item_init=ie,
+    r = rec.train(n_users, n_items, train, valid, test, user_init=ue, item_init=ie,
                      epochs=3, patience=5, log=lambda s: None)
     assert r["best_epoch"] == 0 and r["valid"]["recall@10"] == pytest.approx(1.0)
     np.testing.assert_array_equal(r["user_emb"], ue)
@@ -188,7 +188,120 @@ def test_collapsed_embeddings_score_nothing_and_nan_is_an_error():
         ev.evaluate(torch.full((2, 3), float("nan")), torch.zeros(5, 3))
 
 
+def test_finite_embeddings_with_overflowing_scores_are_an_error():
+    """1e20 * 1e20 overflows float32 to inf and inf - inf gives NaN scores, which compare
+    false with everything: unguarded, the held-out item ranked first (recall@1 = 1)."""
+    train, target = (np.array([0, 1]), np.array([0, 4])), (np.array([0, 0, 1]), np.array([2, 4, 0]))
+    ev = rec.Evaluator(5, train, target, ks=(1,))
+    user = torch.tensor([[1e20, -1e20], [1e20, -1e20]])
+    item = torch.tensor([[1e20, 1e20]] * 5)
+    assert torch.isfinite(user).all() and torch.isnan(user @ item.T).all()
+    with pytest.raises(FloatingPointError, match="non-finite scores"):
+        ev.evaluate(user, item)
+    ev.evaluate(user * 1e-3, item * 1e-3)  # large but finite scores are fine
+
+
+def test_sampler_keys_do_not_overflow_int32_ids():
+    """user * n_items = 2.8e9 overflows int32: the sampler must compute keys in int64."""
+    n_items, user = 40_000, 70_000
+    items = np.delete(np.arange(n_items), 123)  # the user trained on every item but 123
+    keys = np.sort(np.int64(user) * n_items + items)
+    neg = rec.sample_negatives(np.full(50, user, np.int32), keys, n_items, np.random.default_rng(0))
+    assert (neg == 123).all()
+
+
+def dense_adjacency(n_users, n_items, users, items):
+    A = np.zeros((n_users + n_items,) * 2)
+    A[users, n_users + items] = A[n_users + items, users] = 1
+    d = A.sum(1)
+    inv = np.where(d > 0, d, 1) ** -0.5 * (d > 0)
+    return inv[:, None] * A * inv[None, :]
+
+
+@SETTINGS
+@given(split_data())
+def test_bipartite_adjacency_is_symmetric_normalised_with_spectrum_in_unit_interval(data):
+    n_users, n_items, train, _, _, _ = data
+    u, i = np.concatenate([train[0], train[0][:3]]), np.concatenate([train[1], train[1][:3]])  # duplicates count once
+    A = rec.bipartite_adjacency(n_users, n_items, u, i).to_dense().double().numpy()
+    np.testing.assert_allclose(A, dense_adjacency(n_users, n_items, *train), atol=1e-6)
+    np.testing.assert_array_equal(A, A.T)
+    assert np.abs(np.linalg.eigvalsh(A)).max() <= 1 + 1e-6
+
+
+@SETTINGS
+@given(split_data(), st.integers(0, 3))
+def test_lightgcn_is_the_layer_mean_of_propagations_and_permutation_equivariant(data, layers):
+    n_users, n_items, train, _, ue, ie = data
+    adj = rec.bipartite_adjacency(n_users, n_items, *train)
+    net = rec.LightGCN(n_users, n_items, adj, layers, ue.shape[1], ue, ie)
+    A, E = dense_adjacency(n_users, n_items, *train), np.concatenate([ue, ie]).astype(np.float32)
+    want = sum(np.linalg.matrix_power(A, k) @ E for k in range(layers + 1)) / (layers + 1)
+    np.testing.assert_allclose(net().detach().numpy(), want, atol=1e-4)
+    # relabel users and items: the final embeddings are relabelled the same way
+    pu, pi = np.random.default_rng(0).permutation(n_users), np.random.default_rng(1).permutation(n_items)
+    inv_u, inv_i = np.argsort(pu), np.argsort(pi)
+    net_p = rec.LightGCN(n_users, n_items, rec.bipartite_adjacency(n_users, n_items, inv_u[train[0]], inv_i[train[1]]),
+                         layers, ue.shape[1], ue[pu], ie[pi])
+    u_p, i_p = net_p.embeddings()
+    u, i = net.embeddings()
+    np.testing.assert_allclose(u_p.numpy(), u.numpy()[pu], atol=1e-5)
+    np.testing.assert_allclose(i_p.numpy(), i.numpy()[pi], atol=1e-5)
+
+
+def test_lightgcn_backward_matches_dense_and_refuses_an_asymmetric_matrix():
+    n_users, n_items, train, _, _ = _toy()
+    adj = rec.bipartite_adjacency(n_users, n_items, *train)
+    net = rec.LightGCN(n_users, n_items, adj, 2, 4)
+    w = torch.randn(n_users + n_items, 4)
+    (net() * w).sum().backward()
+    A = torch.tensor(dense_adjacency(n_users, n_items, *train), dtype=torch.float32)
+    ego = net.ego.detach().clone().requires_grad_()
+    ((ego + A @ ego + A @ (A @ ego)) / 3 * w).sum().backward()
+    torch.testing.assert_close(net.ego.grad, ego.grad, atol=1e-5, rtol=1e-4)
+    B = A.clone()
+    B[0, n_users] += 0.5
+    with pytest.raises(ValueError, match="symmetric"):
+        rec.LightGCN(n_users, n_items, B.to_sparse_csr(), 2, 4)
+
+
+@pytest.mark.parametrize("model", ["mf", "lightgcn"])
+def test_early_stopping_restores_the_best_epoch(monkeypatch, model):
+    """Valid Recall@20 scripted as 0.1, 0.2, 0.5, 0.3, 0.4, 0.45: with patience 3 training stops
+    at epoch 5 and hands back the embeddings of epoch 2, whose test is then measured."""
+    n_users, n_items, train, valid, test = _toy()
+    script, seen = iter([0.1, 0.2, 0.5, 0.3, 0.4, 0.45, 0.9]), []
+
+    def fake_evaluate(self, user_emb, item_emb):
+        seen.append((user_emb.clone(), item_emb.clone()))
+        return {"recall@20": next(script, -1.0) if len(seen) <= 6 else -1.0}
+
+    monkeypatch.setattr(rec.Evaluator, "evaluate", fake_evaluate)
+    r = rec.train(n_users, n_items, train, valid, test, model=model, epochs=50, patience=3, lr=0.05, batch=64,
+                  log=lambda s: None)
+    assert r["best_epoch"] == 2 and r["valid"]["recall@20"] == 0.5
+    assert len(r["history"]) == 6  # epochs 0..5, then stop: 5 - 2 >= 3
+    np.testing.assert_array_equal(r["user_emb"], seen[2][0].numpy())  # the test call scored epoch 2's embeddings
+    np.testing.assert_array_equal(seen[-1][1].numpy(), seen[2][1].numpy())
+    assert not np.array_equal(seen[5][0].numpy(), seen[2][0].numpy())  # training did move them
+
+
+def test_train_lightgcn_is_deterministic_learns_and_keeps_its_start():
+    n_users, n_items, train, valid, test = _toy()
+    kw = dict(model="lightgcn", epochs=30, patience=30, batch=64, lr=0.01, log=lambda s: None)
+    a = rec.train(n_users, n_items, train, valid, test, seed=3, **kw)
+    b = rec.train(n_users, n_items, train, valid, test, seed=3, **kw)
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"] > 0
+    np.testing.assert_array_equal(a["item_emb"], b["item_emb"])
+    assert a["valid"]["recall@10"] > a["history"][0]["valid_recall@10"] + 0.2
+    # epoch 0 is the start itself: frozen by lr 0, nothing beats it and it is handed back
+    r = rec.train(n_users, n_items, train, valid, test, user_init=a["user_emb"], item_init=a["item_emb"],
+                  **(kw | dict(lr=0.0, epochs=3)))
+    assert r["best_epoch"] == 0 and len(r["history"]) == 4
+    assert r["valid"] == pytest.approx({k[6:]: v for k, v in r["history"][0].items() if k.startswith("valid_")})
+
+
 def test_train_mf_refuses_a_user_with_every_item():
     train = (np.array([0, 0, 1]), np.array([0, 1, 0]))
     with pytest.raises(ValueError, match="every item"):
-        rec.train_mf(2, 2, train, (np.array([1]), np.array([1])), (np.array([1]), np.array([1])), epochs=1)
+        rec.train(2, 2, train, (np.array([1]), np.array([1])), (np.array([1]), np.array([1])), epochs=1)
