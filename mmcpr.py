@@ -112,7 +112,7 @@ def to_torch_sparse(A, device='cpu'):
 # intra-modal aggregation
 
 class SymSpMM(torch.autograd.Function):
-    """Y = Â X for a symmetric sparse Â, so dX = Â dY. torch's own CSR backward
+    """Y = Â X for a symmetric sparse Â, so dX = Â dY (MMCPR checks the symmetry). torch's own CSR backward
     transposes Â on every call, which made training several times slower."""
 
     @staticmethod
@@ -125,8 +125,22 @@ class SymSpMM(torch.autograd.Function):
         return None, ctx.A @ dY
 
 
+def check_symmetric(A, name):
+    """Raise ValueError unless the torch matrix A (sparse or dense) is square and symmetric up to
+    float32 rounding. `propagate` backpropagates through Â instead of Âᵀ, so a non-symmetric
+    matrix (say a row-normalised D^-1 A) would train on wrong gradients without any error."""
+    if A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f'{name} must be a square matrix, got shape {tuple(A.shape)}')
+    C = A.detach().to_sparse().coalesce()                              # COO, whatever the layout
+    gap = (C - C.t()).coalesce().values().abs()
+    if gap.numel() and gap.max() > 1e-5 * C.values().abs().max():
+        raise ValueError(f'{name} must be symmetric: propagate uses it for its own transpose in the '
+                         f'backward pass (max |A - Aᵀ| = {gap.max().item():.3g})')
+
+
 def propagate(A, x, layers):
-    """LightGCN-style aggregation: mean of [x, Âx, ..., Â^L x]. A: symmetric [N, N], x: [N, D] -> [N, D]."""
+    """LightGCN-style aggregation: mean of [x, Âx, ..., Â^L x]. A: symmetric [N, N] (MMCPR checks it
+    once with `check_symmetric`, rather than here on every step), x: [N, D] -> [N, D]."""
     h = x
     for _ in range(layers):
         x = SymSpMM.apply(A, x)
@@ -228,6 +242,8 @@ class MMCPR(nn.Module):
                  dim=64, layers=3, fusion='attention'):
         super().__init__()
         assert fusion in ('attention', 'mean')
+        check_symmetric(user_adj, 'user_adj')
+        check_symmetric(item_adj, 'item_adj')
         self.user_adj, self.item_adj, self.layers = user_adj, item_adj, layers
         self.user_id = nn.Embedding(n_users, dim)
         self.item_id = nn.Embedding(n_items, dim)
@@ -273,7 +289,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
              log=print):
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content
     features {name: [I, f]} and optional user review features [U, f]. Returns a dict of
-    user_emb [U, d], item_emb [I, d] (fused h, eval mode), modality_weights, graph_seconds,
+    user_emb [U, d], item_emb [I, d] (fused h after training), modality_weights, graph_seconds,
     epoch_seconds, losses (per epoch {'bce', 'align', 'total'} means) and notes."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -300,7 +316,9 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     t = time.perf_counter()
     A_user, A_item = build_graphs(R, knn, user_graph, item_graph)
     graph_seconds = time.perf_counter() - t
-    log(f'graphs: {A_user.nnz - n_users} user edges, {A_item.nnz - n_items} item edges, {graph_seconds:.2f}s')
+    # Â stores each undirected edge in both directions, plus the n self-loops
+    log(f'graphs: {(A_user.nnz - n_users) // 2} user edges, {(A_item.nnz - n_items) // 2} item edges, '
+        f'{graph_seconds:.2f}s')
 
     feats = {name: prepare(f, standardize) for name, f in item_feats.items()}
     review = None if user_feat is None else prepare(user_feat, standardize)
@@ -313,7 +331,6 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     epoch_seconds, losses = [], []
     for epoch in range(epochs):
         t = time.perf_counter()
-        model.train()
         perm = rng.permutation(len(users))
         total = np.zeros(3)                                            # bce, align, total
         for s in range(0, len(perm), batch):
@@ -340,8 +357,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         log(f"epoch {epoch + 1:3d}  bce {losses[-1]['bce']:.4f}  align {losses[-1]['align']:.4f}  "
             f'{epoch_seconds[-1]:.2f}s')
 
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad():                                              # no dropout or batch norm: no eval mode
         h_u, h_i, _, _, alpha_u, alpha_i = model()
     return {
         'user_emb': h_u.cpu().numpy().astype(np.float32),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
@@ -299,6 +300,38 @@ def test_one_step_gives_every_parameter_a_gradient():
     assert model.item_modalities == ['graph', 'text', 'image']
 
 
+def test_model_refuses_a_non_symmetric_adjacency():
+    # propagate's backward uses Â for Âᵀ: with the random-walk D^-1 (A+I) its gradient is silently wrong
+    R = random_R(0, 12, 9)
+    A_user, A_item = mmcpr.build_graphs(R, 3)
+    walk = lambda A_hat: (sp.diags(1 / np.asarray((A_hat != 0).sum(1)).ravel()) @ (A_hat != 0)).astype(np.float32)
+    x = torch.randn(12, 3, requires_grad=True)
+    (g,) = torch.autograd.grad(mmcpr.propagate(mmcpr.to_torch_sparse(walk(A_user)), x, 1).sum(), x)
+    (g_true,) = torch.autograd.grad(((x + torch.from_numpy(walk(A_user).toarray()) @ x) / 2).sum(), x)
+    assert not torch.allclose(g, g_true, atol=1e-3)
+    feats = {'text': torch.randn(9, 4)}
+    good_u, good_i = mmcpr.to_torch_sparse(A_user), mmcpr.to_torch_sparse(A_item)
+    bump = A_user.toarray()
+    bump[0, 1] += 1e-3                                                  # one entry off by far more than rounding
+    for user_adj, item_adj, name in [(mmcpr.to_torch_sparse(walk(A_user)), good_i, 'user_adj'),
+                                     (good_u, mmcpr.to_torch_sparse(walk(A_item)), 'item_adj'),
+                                     (torch.from_numpy(bump), good_i, 'user_adj'),
+                                     (good_u, good_i.to_dense()[:, :5], 'item_adj')]:
+        with pytest.raises(ValueError, match=name):
+            mmcpr.MMCPR(12, 9, user_adj, item_adj, feats, dim=4)
+    noisy = A_user.toarray() * (1 + 1e-7 * np.random.default_rng(0).standard_normal((12, 12))).astype(np.float32)
+    mmcpr.MMCPR(12, 9, torch.from_numpy(noisy), good_i.to_sparse_coo(), feats, dim=4)  # rounding is fine
+
+
+def test_model_output_does_not_depend_on_train_or_eval_mode():
+    # pretrain sets no mode: that is right only while the model has no dropout or batch norm
+    _, model = make_model(10, 8, {'text': 5, 'image': 3}, review_dim=4)
+    assert not any(isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm)) for m in model.modules())
+    with torch.no_grad():
+        a, b = model.train()(), model.eval()()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @FAST
 @given(st.integers(1, 12), st.integers(2, 12), st.lists(st.integers(1, 9), max_size=3),
        st.one_of(st.none(), st.integers(1, 7)), st.integers(1, 10), st.sampled_from(['attention', 'mean']))
@@ -344,6 +377,16 @@ def test_pretrain_is_deterministic_and_returns_documented_keys():
     assert set(a['modality_weights']['item']) == {'graph', 'text', 'image'}
     assert math.isclose(sum(a['modality_weights']['item'].values()), 1, rel_tol=1e-5)
     assert sum(line.startswith('epoch') for line in lines) == 3
+
+
+def test_pretrain_logs_undirected_edge_counts():
+    # user graph: 0-1 (item 1), 0-3 (item 0), 1-2 (item 2); item graph: 0-1 (user 0), 1-2 (user 1)
+    R = sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 0]], np.float32))
+    lines = []
+    mmcpr.pretrain(R, {}, None, dim=4, knn=10, epochs=1, log=lines.append)
+    assert lines[0].startswith('graphs: 3 user edges, 2 item edges, ')
+    mmcpr.pretrain(R, {}, None, dim=4, knn=10, epochs=1, user_graph=False, log=lines.append)
+    assert lines[2].startswith('graphs: 0 user edges, 2 item edges, ')
 
 
 def test_pretrain_loss_decreases():
@@ -397,3 +440,4 @@ def test_pretrain_rejects_user_with_every_item():
     R = sp.csr_matrix(np.ones((3, 4), np.float32))
     with pytest.raises(ValueError):
         mmcpr.pretrain(R, {}, None, epochs=1, log=lambda s: None)
+
