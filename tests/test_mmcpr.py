@@ -1,6 +1,7 @@
 """Tests for mmcpr.py: graphs, propagation, fusion, losses, sampler, model, pretrain."""
 import inspect
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -84,16 +85,65 @@ def test_normalized_adjacency_symmetric_with_spectrum_in_unit_interval(seed, n, 
     assert abs(ev.max() - 1) < 1e-4                         # D^-1/2 (A+I) D^-1/2 has top eigenvalue 1
 
 
-def test_graphs_depend_only_on_the_train_matrix():
-    # graph builders take nothing but the train matrix
-    assert list(inspect.signature(mmcpr.build_graphs).parameters) == ['R', 'k', 'user_graph', 'item_graph']
-    assert not {'valid', 'test', 'R_valid', 'R_test'} & set(inspect.signature(mmcpr.pretrain).parameters)
-    R_train = sp.csr_matrix(np.array([[1, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 1]], np.float32))
-    R_more = R_train + sp.csr_matrix(([1.0], ([2], [0])), shape=R_train.shape)   # a held-out pair (2, 0)
-    g1, g2 = mmcpr.build_graphs(R_train, 2), mmcpr.build_graphs(R_train.copy(), 2)
-    g3 = mmcpr.build_graphs(R_more, 2)
-    assert all((a != b).nnz == 0 for a, b in zip(g1, g2))      # a function of R
-    assert (g1[0] != g3[0]).nnz > 0 and (g1[1] != g3[1]).nnz > 0  # so leaking pairs would show
+def same_pattern_variants(R, rng):
+    """R's nonzero pattern dressed differently: other positive values, dtypes and formats; a CSR with
+    duplicate entries, explicit zeros off the pattern and rows stored in shuffled column order."""
+    r, c = R.nonzero()
+    yield sp.csr_matrix((rng.uniform(0.1, 5, len(r)), (r, c)), shape=R.shape)
+    yield from (R.astype(bool), R.astype(np.int64), R.astype(np.float64), R.tocsc(), R.tocoo())
+    reps = rng.integers(1, 4, len(r))                                   # each pair stored 1-3 times
+    zr, zc = rng.integers(0, R.shape[0], 10), rng.integers(0, R.shape[1], 10)
+    off = np.asarray(R[zr, zc]).ravel() == 0                            # explicit zeros where R has none
+    rows = np.concatenate([np.repeat(r, reps), zr[off]])
+    cols = np.concatenate([np.repeat(c, reps), zc[off]])
+    data = np.concatenate([rng.uniform(0.1, 5, reps.sum()), np.zeros(off.sum())]).astype(np.float32)
+    order = np.lexsort((rng.random(len(rows)), rows))                   # by row, shuffled within a row
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=R.shape[0]))])
+    yield sp.csr_matrix((data[order], cols[order], indptr), shape=R.shape)  # not canonical
+    yield sp.coo_matrix((data, (rows, cols)), shape=R.shape)
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 20), st.integers(1, 15), st.integers(1, 5))
+def test_graphs_depend_only_on_the_train_pattern(seed, n_users, n_items, k):
+    R = random_R(seed, n_users, n_items)
+    ref = mmcpr.build_graphs(R, k)
+    for V in same_pattern_variants(R, np.random.default_rng(seed)):
+        for a, b in zip(mmcpr.build_graphs(V, k), ref):
+            assert a.dtype == np.float32 and a.shape == b.shape and (a != b).nnz == 0, type(V)
+
+
+def edge_set(A_hat):
+    """Off-diagonal pattern of a normalised adjacency, as a dense bool matrix."""
+    E = A_hat.toarray() != 0
+    np.fill_diagonal(E, False)
+    return E
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(2, 20), st.integers(2, 15), st.sampled_from([1, 2, 3, 100]))
+def test_adding_a_train_pair_changes_the_graphs_only_around_it(seed, n_users, n_items, k):
+    # a new pair (u, i) raises the counts of i with u's items and of u with i's users, and nothing else:
+    # only those nodes' top-k lists may change; with k >= N every positive count is kept, so exactly
+    # the edges i-j (j one of u's items) and u-v (v one of i's users) are added
+    R = random_R(seed, n_users, n_items)
+    rng = np.random.default_rng(seed)
+    u = rng.integers(n_users)
+    i = rng.choice(np.flatnonzero(R[u].toarray().ravel() == 0))         # random_R leaves every user one
+    R2 = R + sp.csr_matrix(([1.0], ([u], [i])), shape=R.shape)
+    items_of_u, users_of_i = R[u].indices, R[:, i].nonzero()[0]
+    for old, new, node, partners in zip(mmcpr.build_graphs(R, k), mmcpr.build_graphs(R2, k),
+                                        (u, i), (users_of_i, items_of_u)):
+        old, new = edge_set(old), edge_set(new)
+        touched = np.zeros(len(old), bool)
+        touched[partners] = touched[node] = True
+        changed = old != new
+        assert not (changed & ~touched[:, None] & ~touched[None, :]).any()
+        if k >= len(old):
+            added = np.zeros_like(old)
+            added[node, partners] = added[partners, node] = True
+            np.fill_diagonal(added, False)
+            assert np.array_equal(new, old | added)
 
 
 def test_switched_off_graph_is_identity():
