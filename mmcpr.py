@@ -15,27 +15,31 @@ In paper order:
 5. pre-training objective: BCE on observed vs sampled unobserved (user, item) pairs
    plus lambda_align * alignment plus L2 on the batch's ego representations (`pretrain`).
 
-Choices where the paper is silent (all kept deliberately simple):
-- kNN graph: each node keeps its top-k neighbours by co-interaction count (ties to the
-  lower index), kept edges are binary and symmetrised by union, Â = D^-1/2 (A+I) D^-1/2;
-- ID embeddings start as N(0, 0.1²); projector = Linear(f, d) -> LeakyReLU -> Linear(d, d),
-  fed features z-scored per dimension (`prepare`);
-- aligned representations are the projector outputs, before graph propagation;
-- L2 term = squared norm of a node's ego representations summed over its modalities (ID
+Choices where the paper is silent, each with the `pretrain` flag that sets it (default):
+- `knn` (10, chosen on a valid split): a node keeps its top-k neighbours by co-interaction count (ties to the lower
+  index), kept edges are binary and symmetrised by union, Â = D^-1/2 (A+I) D^-1/2: the GCN
+  renormalisation, symmetric, so a backward pass can reuse Â; `user_graph`, `item_graph`
+  (on): a side switched off gets Â = I, for the ablations;
+- `layers` (3): the number of propagation layers, chosen on the valid splits;
+- `dim` (64): embedding size; ID embeddings start as N(0, 0.1²), item and review features
+  pass a projector Linear(f, d) -> LeakyReLU -> Linear(d, d);
+- `standardize` (on): features are z-scored per dimension (`prepare`), since a large offset
+  shared by all items would make every projection point the same way;
+- `fusion` ('attention'): inter-modal aggregation by attention as in the paper, or 'mean'
+  for the ablation;
+- `align` (on), `lambda_align` (0.01), `tau` (0.2): the aligned representations are the
+  projector outputs, before propagation, so that alignment acts on the content encoders;
+  lambda_align chosen on TikTok's valid split;
+- `align_batch` (1024): the alignment contrasts the batch's distinct items in random groups
+  of at most this many, which bounds the [B, B] similarity matrix;
+- `l2` (1e-3): squared norm of a node's ego representations summed over its modalities (ID
   embedding and content projections alike, so that none grows unchecked), averaged over the
-  batch's users, positive items and negative items, and the three added; defaults
-  lambda_align = 0.01, tau = 0.2, l2 = 1e-3;
-- 8 sampled negatives per observed pair, Adam lr 1e-2, lambda_align = 0.01: chosen on
-  TikTok's valid split with an earlier build (2048-pair steps, raw features; not re-tuned
-  since: 1 negative at lr 1e-3 left the BCE model under-trained;
-  lambda_align 0.1 scored lower on valid than 0.01); 3 GCN layers beat 2 on the valid
-  splits of both TikTok and Baby, and k = 20 neighbours did not beat k = 10 on Baby;
-- 8192 pairs a step, for speed: every step propagates the whole graph, so big steps make
-  an epoch 2.5x faster on a CPU (before standardisation, three seeds of 8192 scored no
-  lower on TikTok's valid split than three of 2048); 100 epochs, chosen on TikTok's valid
-  split over three seeds (mean Recall@20 0.078, 0.082, 0.090 at 30, 60, 100 epochs;
-  200 epochs gave 0.082 at seed 0, against 0.088 for 100);
-- the alignment contrasts the batch's distinct items in random groups of at most 1024.
+  batch's users, positive items and negative items, and the three added;
+- `neg` (8), `lr` (1e-2, Adam): sampled negatives per observed pair and step size, chosen
+  on TikTok's valid split;
+- `batch` (8192): observed pairs per step; every step propagates the whole graph, so large
+  steps make an epoch cheaper;
+- `epochs` (100): chosen on TikTok's valid split.
 """
 
 import itertools
@@ -100,7 +104,7 @@ def build_graphs(R, k, user_graph=True, item_graph=True):
 
 
 def to_torch_sparse(A, device='cpu'):
-    """scipy CSR -> torch sparse CSR (on CPU, CSR @ dense was ~5x faster than COO)."""
+    """scipy CSR -> torch sparse CSR (CSR rather than COO: the faster layout for sparse @ dense on CPU)."""
     A = sp.csr_matrix(A, dtype=np.float32)
     with warnings.catch_warnings():                                    # 'CSR support is in beta state'
         warnings.simplefilter('ignore')
@@ -112,8 +116,8 @@ def to_torch_sparse(A, device='cpu'):
 # intra-modal aggregation
 
 class SymSpMM(torch.autograd.Function):
-    """Y = Â X for a symmetric sparse Â, so dX = Â dY (MMCPR checks the symmetry). torch's own CSR backward
-    transposes Â on every call, which made training several times slower."""
+    """Y = Â X for a symmetric sparse Â, so dX = Â dY (MMCPR checks the symmetry). torch's
+    own CSR backward transposes Â on every call instead, which is slow."""
 
     @staticmethod
     def forward(ctx, A, X):
@@ -339,7 +343,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
             u, i, j = (torch.from_numpy(x.astype(np.int64)).to(device) for x in (users[idx], items[idx], j))
             h_u, h_i, E_u, E_i, _, _ = model()
             z = dict(zip(model.content, E_i[:, 1:].unbind(1)))         # item content projections [I, d]
-            # Row look-ups of [N, d] tables go through F.embedding (= h_u[u]): its backward is 4x
+            # Row look-ups of [N, d] tables go through F.embedding (= h_u[u]): its backward is
             # faster than indexing's.
             hu = F.embedding(u, h_u)                                   # [B, d]
             loss_bce = bce_loss((hu * F.embedding(i, h_i)).sum(-1),    # [B]
