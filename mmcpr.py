@@ -15,27 +15,31 @@ In paper order:
 5. pre-training objective: BCE on observed vs sampled unobserved (user, item) pairs
    plus lambda_align * alignment plus L2 on the batch's ego representations (`pretrain`).
 
-Choices where the paper is silent (all kept deliberately simple):
-- kNN graph: each node keeps its top-k neighbours by co-interaction count (ties to the
-  lower index), kept edges are binary and symmetrised by union, Â = D^-1/2 (A+I) D^-1/2;
-- ID embeddings start as N(0, 0.1²); projector = Linear(f, d) -> LeakyReLU -> Linear(d, d),
-  fed features z-scored per dimension (`prepare`);
-- aligned representations are the projector outputs, before graph propagation;
-- L2 term = squared norm of a node's ego representations summed over its modalities (ID
+Choices where the paper is silent, each with the `pretrain` flag that sets it (default):
+- `knn` (10, chosen on a valid split): a node keeps its top-k neighbours by co-interaction count (ties to the lower
+  index), kept edges are binary and symmetrised by union, Â = D^-1/2 (A+I) D^-1/2: the GCN
+  renormalisation, symmetric, so a backward pass can reuse Â; `user_graph`, `item_graph`
+  (on): a side switched off gets Â = I, for the ablations;
+- `layers` (3): the number of propagation layers, chosen on the valid splits;
+- `dim` (64): embedding size; ID embeddings start as N(0, 0.1²), item and review features
+  pass a projector Linear(f, d) -> LeakyReLU -> Linear(d, d);
+- `standardize` (on): features are z-scored per dimension (`prepare`), since a large offset
+  shared by all items would make every projection point the same way;
+- `fusion` ('attention'): inter-modal aggregation by attention as in the paper, or 'mean'
+  for the ablation;
+- `align` (on), `lambda_align` (0.01), `tau` (0.2): the aligned representations are the
+  projector outputs, before propagation, so that alignment acts on the content encoders;
+  lambda_align chosen on TikTok's valid split;
+- `align_batch` (1024): the alignment contrasts the batch's distinct items in random groups
+  of at most this many, which bounds the [B, B] similarity matrix;
+- `l2` (1e-3): squared norm of a node's ego representations summed over its modalities (ID
   embedding and content projections alike, so that none grows unchecked), averaged over the
-  batch's users, positive items and negative items, and the three added; defaults
-  lambda_align = 0.01, tau = 0.2, l2 = 1e-3;
-- 8 sampled negatives per observed pair, Adam lr 1e-2, lambda_align = 0.01: chosen on
-  TikTok's valid split with an earlier build (2048-pair steps, raw features; not re-tuned
-  since: 1 negative at lr 1e-3 left the BCE model under-trained;
-  lambda_align 0.1 scored lower on valid than 0.01); 3 GCN layers beat 2 on the valid
-  splits of both TikTok and Baby, and k = 20 neighbours did not beat k = 10 on Baby;
-- 8192 pairs a step, for speed: every step propagates the whole graph, so big steps make
-  an epoch 2.5x faster on a CPU (before standardisation, three seeds of 8192 scored no
-  lower on TikTok's valid split than three of 2048); 100 epochs, chosen on TikTok's valid
-  split over three seeds (mean Recall@20 0.078, 0.082, 0.090 at 30, 60, 100 epochs;
-  200 epochs gave 0.082 at seed 0, against 0.088 for 100);
-- the alignment contrasts the batch's distinct items in random groups of at most 1024.
+  batch's users, positive items and negative items, and the three added;
+- `neg` (8), `lr` (1e-2, Adam): sampled negatives per observed pair and step size, chosen
+  on TikTok's valid split;
+- `batch` (8192): observed pairs per step; every step propagates the whole graph, so large
+  steps make an epoch cheaper;
+- `epochs` (100): chosen on TikTok's valid split.
 """
 
 import itertools
@@ -100,7 +104,7 @@ def build_graphs(R, k, user_graph=True, item_graph=True):
 
 
 def to_torch_sparse(A, device='cpu'):
-    """scipy CSR -> torch sparse CSR (on CPU, CSR @ dense was ~5x faster than COO)."""
+    """scipy CSR -> torch sparse CSR (CSR rather than COO: the faster layout for sparse @ dense on CPU)."""
     A = sp.csr_matrix(A, dtype=np.float32)
     with warnings.catch_warnings():                                    # 'CSR support is in beta state'
         warnings.simplefilter('ignore')
@@ -112,8 +116,8 @@ def to_torch_sparse(A, device='cpu'):
 # intra-modal aggregation
 
 class SymSpMM(torch.autograd.Function):
-    """Y = Â X for a symmetric sparse Â, so dX = Â dY. torch's own CSR backward
-    transposes Â on every call, which made training several times slower."""
+    """Y = Â X for a symmetric sparse Â, so dX = Â dY (MMCPR checks the symmetry). torch's
+    own CSR backward transposes Â on every call instead, which is slow."""
 
     @staticmethod
     def forward(ctx, A, X):
@@ -125,8 +129,22 @@ class SymSpMM(torch.autograd.Function):
         return None, ctx.A @ dY
 
 
+def check_symmetric(A, name):
+    """Raise ValueError unless the torch matrix A (sparse or dense) is square and symmetric up to
+    float32 rounding. `propagate` backpropagates through Â instead of Âᵀ, so a non-symmetric
+    matrix (say a row-normalised D^-1 A) would train on wrong gradients without any error."""
+    if A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f'{name} must be a square matrix, got shape {tuple(A.shape)}')
+    C = A.detach().to_sparse().coalesce()                              # COO, whatever the layout
+    gap = (C - C.t()).coalesce().values().abs()
+    if gap.numel() and gap.max() > 1e-5 * C.values().abs().max():
+        raise ValueError(f'{name} must be symmetric: propagate uses it for its own transpose in the '
+                         f'backward pass (max |A - Aᵀ| = {gap.max().item():.3g})')
+
+
 def propagate(A, x, layers):
-    """LightGCN-style aggregation: mean of [x, Âx, ..., Â^L x]. A: symmetric [N, N], x: [N, D] -> [N, D]."""
+    """LightGCN-style aggregation: mean of [x, Âx, ..., Â^L x]. A: symmetric [N, N] (MMCPR checks it
+    once with `check_symmetric`, rather than here on every step), x: [N, D] -> [N, D]."""
     h = x
     for _ in range(layers):
         x = SymSpMM.apply(A, x)
@@ -228,6 +246,8 @@ class MMCPR(nn.Module):
                  dim=64, layers=3, fusion='attention'):
         super().__init__()
         assert fusion in ('attention', 'mean')
+        check_symmetric(user_adj, 'user_adj')
+        check_symmetric(item_adj, 'item_adj')
         self.user_adj, self.item_adj, self.layers = user_adj, item_adj, layers
         self.user_id = nn.Embedding(n_users, dim)
         self.item_id = nn.Embedding(n_items, dim)
@@ -273,7 +293,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
              log=print):
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content
     features {name: [I, f]} and optional user review features [U, f]. Returns a dict of
-    user_emb [U, d], item_emb [I, d] (fused h, eval mode), modality_weights, graph_seconds,
+    user_emb [U, d], item_emb [I, d] (fused h after training), modality_weights, graph_seconds,
     epoch_seconds, losses (per epoch {'bce', 'align', 'total'} means) and notes."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -300,7 +320,9 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     t = time.perf_counter()
     A_user, A_item = build_graphs(R, knn, user_graph, item_graph)
     graph_seconds = time.perf_counter() - t
-    log(f'graphs: {A_user.nnz - n_users} user edges, {A_item.nnz - n_items} item edges, {graph_seconds:.2f}s')
+    # Â stores each undirected edge in both directions, plus the n self-loops
+    log(f'graphs: {(A_user.nnz - n_users) // 2} user edges, {(A_item.nnz - n_items) // 2} item edges, '
+        f'{graph_seconds:.2f}s')
 
     feats = {name: prepare(f, standardize) for name, f in item_feats.items()}
     review = None if user_feat is None else prepare(user_feat, standardize)
@@ -313,7 +335,6 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     epoch_seconds, losses = [], []
     for epoch in range(epochs):
         t = time.perf_counter()
-        model.train()
         perm = rng.permutation(len(users))
         total = np.zeros(3)                                            # bce, align, total
         for s in range(0, len(perm), batch):
@@ -322,7 +343,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
             u, i, j = (torch.from_numpy(x.astype(np.int64)).to(device) for x in (users[idx], items[idx], j))
             h_u, h_i, E_u, E_i, _, _ = model()
             z = dict(zip(model.content, E_i[:, 1:].unbind(1)))         # item content projections [I, d]
-            # Row look-ups of [N, d] tables go through F.embedding (= h_u[u]): its backward is 4x
+            # Row look-ups of [N, d] tables go through F.embedding (= h_u[u]): its backward is
             # faster than indexing's.
             hu = F.embedding(u, h_u)                                   # [B, d]
             loss_bce = bce_loss((hu * F.embedding(i, h_i)).sum(-1),    # [B]
@@ -340,8 +361,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         log(f"epoch {epoch + 1:3d}  bce {losses[-1]['bce']:.4f}  align {losses[-1]['align']:.4f}  "
             f'{epoch_seconds[-1]:.2f}s')
 
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad():                                              # no dropout or batch norm: no eval mode
         h_u, h_i, _, _, alpha_u, alpha_i = model()
     return {
         'user_emb': h_u.cpu().numpy().astype(np.float32),

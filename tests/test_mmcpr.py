@@ -1,6 +1,7 @@
 """Tests for mmcpr.py: graphs, propagation, fusion, losses, sampler, model, pretrain."""
 import inspect
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
@@ -83,16 +85,65 @@ def test_normalized_adjacency_symmetric_with_spectrum_in_unit_interval(seed, n, 
     assert abs(ev.max() - 1) < 1e-4                         # D^-1/2 (A+I) D^-1/2 has top eigenvalue 1
 
 
-def test_graphs_depend_only_on_the_train_matrix():
-    # graph builders take nothing but the train matrix
-    assert list(inspect.signature(mmcpr.build_graphs).parameters) == ['R', 'k', 'user_graph', 'item_graph']
-    assert not {'valid', 'test', 'R_valid', 'R_test'} & set(inspect.signature(mmcpr.pretrain).parameters)
-    R_train = sp.csr_matrix(np.array([[1, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 1]], np.float32))
-    R_more = R_train + sp.csr_matrix(([1.0], ([2], [0])), shape=R_train.shape)   # a held-out pair (2, 0)
-    g1, g2 = mmcpr.build_graphs(R_train, 2), mmcpr.build_graphs(R_train.copy(), 2)
-    g3 = mmcpr.build_graphs(R_more, 2)
-    assert all((a != b).nnz == 0 for a, b in zip(g1, g2))      # a function of R
-    assert (g1[0] != g3[0]).nnz > 0 and (g1[1] != g3[1]).nnz > 0  # so leaking pairs would show
+def same_pattern_variants(R, rng):
+    """R's nonzero pattern dressed differently: other positive values, dtypes and formats; a CSR with
+    duplicate entries, explicit zeros off the pattern and rows stored in shuffled column order."""
+    r, c = R.nonzero()
+    yield sp.csr_matrix((rng.uniform(0.1, 5, len(r)), (r, c)), shape=R.shape)
+    yield from (R.astype(bool), R.astype(np.int64), R.astype(np.float64), R.tocsc(), R.tocoo())
+    reps = rng.integers(1, 4, len(r))                                   # each pair stored 1-3 times
+    zr, zc = rng.integers(0, R.shape[0], 10), rng.integers(0, R.shape[1], 10)
+    off = np.asarray(R[zr, zc]).ravel() == 0                            # explicit zeros where R has none
+    rows = np.concatenate([np.repeat(r, reps), zr[off]])
+    cols = np.concatenate([np.repeat(c, reps), zc[off]])
+    data = np.concatenate([rng.uniform(0.1, 5, reps.sum()), np.zeros(off.sum())]).astype(np.float32)
+    order = np.lexsort((rng.random(len(rows)), rows))                   # by row, shuffled within a row
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=R.shape[0]))])
+    yield sp.csr_matrix((data[order], cols[order], indptr), shape=R.shape)  # not canonical
+    yield sp.coo_matrix((data, (rows, cols)), shape=R.shape)
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 20), st.integers(1, 15), st.integers(1, 5))
+def test_graphs_depend_only_on_the_train_pattern(seed, n_users, n_items, k):
+    R = random_R(seed, n_users, n_items)
+    ref = mmcpr.build_graphs(R, k)
+    for V in same_pattern_variants(R, np.random.default_rng(seed)):
+        for a, b in zip(mmcpr.build_graphs(V, k), ref):
+            assert a.dtype == np.float32 and a.shape == b.shape and (a != b).nnz == 0, type(V)
+
+
+def edge_set(A_hat):
+    """Off-diagonal pattern of a normalised adjacency, as a dense bool matrix."""
+    E = A_hat.toarray() != 0
+    np.fill_diagonal(E, False)
+    return E
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(2, 20), st.integers(2, 15), st.sampled_from([1, 2, 3, 100]))
+def test_adding_a_train_pair_changes_the_graphs_only_around_it(seed, n_users, n_items, k):
+    # a new pair (u, i) raises the counts of i with u's items and of u with i's users, and nothing else:
+    # only those nodes' top-k lists may change; with k >= N every positive count is kept, so exactly
+    # the edges i-j (j one of u's items) and u-v (v one of i's users) are added
+    R = random_R(seed, n_users, n_items)
+    rng = np.random.default_rng(seed)
+    u = rng.integers(n_users)
+    i = rng.choice(np.flatnonzero(R[u].toarray().ravel() == 0))         # random_R leaves every user one
+    R2 = R + sp.csr_matrix(([1.0], ([u], [i])), shape=R.shape)
+    items_of_u, users_of_i = R[u].indices, R[:, i].nonzero()[0]
+    for old, new, node, partners in zip(mmcpr.build_graphs(R, k), mmcpr.build_graphs(R2, k),
+                                        (u, i), (users_of_i, items_of_u)):
+        old, new = edge_set(old), edge_set(new)
+        touched = np.zeros(len(old), bool)
+        touched[partners] = touched[node] = True
+        changed = old != new
+        assert not (changed & ~touched[:, None] & ~touched[None, :]).any()
+        if k >= len(old):
+            added = np.zeros_like(old)
+            added[node, partners] = added[partners, node] = True
+            np.fill_diagonal(added, False)
+            assert np.array_equal(new, old | added)
 
 
 def test_switched_off_graph_is_identity():
@@ -299,6 +350,38 @@ def test_one_step_gives_every_parameter_a_gradient():
     assert model.item_modalities == ['graph', 'text', 'image']
 
 
+def test_model_refuses_a_non_symmetric_adjacency():
+    # propagate's backward uses Â for Âᵀ: with the random-walk D^-1 (A+I) its gradient is silently wrong
+    R = random_R(0, 12, 9)
+    A_user, A_item = mmcpr.build_graphs(R, 3)
+    walk = lambda A_hat: (sp.diags(1 / np.asarray((A_hat != 0).sum(1)).ravel()) @ (A_hat != 0)).astype(np.float32)
+    x = torch.randn(12, 3, requires_grad=True)
+    (g,) = torch.autograd.grad(mmcpr.propagate(mmcpr.to_torch_sparse(walk(A_user)), x, 1).sum(), x)
+    (g_true,) = torch.autograd.grad(((x + torch.from_numpy(walk(A_user).toarray()) @ x) / 2).sum(), x)
+    assert not torch.allclose(g, g_true, atol=1e-3)
+    feats = {'text': torch.randn(9, 4)}
+    good_u, good_i = mmcpr.to_torch_sparse(A_user), mmcpr.to_torch_sparse(A_item)
+    bump = A_user.toarray()
+    bump[0, 1] += 1e-3                                                  # one entry off by far more than rounding
+    for user_adj, item_adj, name in [(mmcpr.to_torch_sparse(walk(A_user)), good_i, 'user_adj'),
+                                     (good_u, mmcpr.to_torch_sparse(walk(A_item)), 'item_adj'),
+                                     (torch.from_numpy(bump), good_i, 'user_adj'),
+                                     (good_u, good_i.to_dense()[:, :5], 'item_adj')]:
+        with pytest.raises(ValueError, match=name):
+            mmcpr.MMCPR(12, 9, user_adj, item_adj, feats, dim=4)
+    noisy = A_user.toarray() * (1 + 1e-7 * np.random.default_rng(0).standard_normal((12, 12))).astype(np.float32)
+    mmcpr.MMCPR(12, 9, torch.from_numpy(noisy), good_i.to_sparse_coo(), feats, dim=4)  # rounding is fine
+
+
+def test_model_output_does_not_depend_on_train_or_eval_mode():
+    # pretrain sets no mode: that is right only while the model has no dropout or batch norm
+    _, model = make_model(10, 8, {'text': 5, 'image': 3}, review_dim=4)
+    assert not any(isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm)) for m in model.modules())
+    with torch.no_grad():
+        a, b = model.train()(), model.eval()()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @FAST
 @given(st.integers(1, 12), st.integers(2, 12), st.lists(st.integers(1, 9), max_size=3),
        st.one_of(st.none(), st.integers(1, 7)), st.integers(1, 10), st.sampled_from(['attention', 'mean']))
@@ -344,6 +427,16 @@ def test_pretrain_is_deterministic_and_returns_documented_keys():
     assert set(a['modality_weights']['item']) == {'graph', 'text', 'image'}
     assert math.isclose(sum(a['modality_weights']['item'].values()), 1, rel_tol=1e-5)
     assert sum(line.startswith('epoch') for line in lines) == 3
+
+
+def test_pretrain_logs_undirected_edge_counts():
+    # user graph: 0-1 (item 1), 0-3 (item 0), 1-2 (item 2); item graph: 0-1 (user 0), 1-2 (user 1)
+    R = sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 0]], np.float32))
+    lines = []
+    mmcpr.pretrain(R, {}, None, dim=4, knn=10, epochs=1, log=lines.append)
+    assert lines[0].startswith('graphs: 3 user edges, 2 item edges, ')
+    mmcpr.pretrain(R, {}, None, dim=4, knn=10, epochs=1, user_graph=False, log=lines.append)
+    assert lines[2].startswith('graphs: 0 user edges, 2 item edges, ')
 
 
 def test_pretrain_loss_decreases():
@@ -397,3 +490,11 @@ def test_pretrain_rejects_user_with_every_item():
     R = sp.csr_matrix(np.ones((3, 4), np.float32))
     with pytest.raises(ValueError):
         mmcpr.pretrain(R, {}, None, epochs=1, log=lambda s: None)
+
+
+def test_module_docstring_ties_every_tuning_flag_to_its_choice_and_carries_no_history():
+    params = inspect.signature(mmcpr.pretrain).parameters
+    flags = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in {'device', 'seed', 'log'}]
+    assert [f for f in flags if f'`{f}`' not in mmcpr.__doc__] == []
+    source = Path(mmcpr.__file__).read_text()
+    assert not re.search(r'\d(\.\d+)?x (faster|slower)|times (faster|slower)|earlier build|Recall@', source)
