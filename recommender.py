@@ -196,6 +196,29 @@ def bpr_loss(pos_scores, neg_scores):
     return -F.logsigmoid(pos_scores - neg_scores).mean()
 
 
+@torch.no_grad()
+def fit_scale(net, node, l2):
+    """The factor s for the layer-0 embeddings that minimises the training loss on the triples
+    node [3, P] (users, positives, negatives as node ids), all else fixed.
+
+    A pre-trained start arrives at the scale its own objective left it (MMCPR's BCE with 8
+    negatives makes over-confident scores), not at the one BPR + L2 settles on; fine-tuning
+    from the wrong scale first spends its steps rescaling, and the ranking degrades meanwhile.
+    The final embeddings are linear in layer 0 (MF: equal; LightGCN: a propagation), so scores
+    scale by q = s² and the loss is mean softplus(-q x) + l2 q r with x = s_ui - s_uj and
+    r = |e_u^0|² + |e_i^0|² + |e_j^0|² per triple: convex in q, found by a ternary search over
+    log q. Rescaling changes no ranking, so epoch 0 scores the same."""
+    u, i, j = F.embedding(node, net())
+    x = ((u * i).sum(1) - (u * j).sum(1)).double()  # [P]
+    r = F.embedding(node, net.ego).square().sum((0, 2)).double().mean()
+    loss = lambda log_q: (F.softplus(-np.exp(log_q) * x).mean() + l2 * np.exp(log_q) * r).item()
+    lo, hi = np.log(1e-6), np.log(1e6)
+    for _ in range(80):  # each round keeps 2/3 of the interval: (2/3)^80 * 28 < 1e-12
+        m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        lo, hi = (lo, m2) if loss(m1) < loss(m2) else (m1, hi)
+    return float(np.exp((lo + hi) / 4))  # s = sqrt(q)
+
+
 # Settings chosen on the valid splits of TikTok, Baby and movielens (README), the same for a
 # baseline and for fine-tuning a pre-trained start.
 TUNED = {"mf": dict(lr=1e-3, l2=3e-2), "lightgcn": dict(lr=1e-3, l2=1e-4, layers=2)}
@@ -204,16 +227,18 @@ PATIENCE = 50
 
 def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None, dim=64, lr=None, l2=None,
           batch=2048, epochs=1000, patience=PATIENCE, ks=(10, 20, 50), user_init=None, item_init=None,
-          anchor=0.0, device="cpu", seed=0, log=print):
+          rescale=True, device="cpu", seed=0, log=print):
     """Train MF-BPR or LightGCN-BPR, select the epoch on valid Recall@20, report test there.
 
     Each epoch draws one uniform negative per training pair; the loss of a batch
     of B triples (u, i, j) is bpr_loss + l2 * (|e_u^0|² + |e_i^0|² + |e_j^0|²) / B
-    on their layer-0 embeddings. Epoch 0 is the initial embeddings themselves,
-    so when pre-trained ones are handed over, fine-tuning is kept only if it
-    beats them on valid. Training stops `patience` epochs after the best.
-    Returns dict(best_epoch, valid, test, user_emb, item_emb (the final
-    embeddings that scored), epoch_seconds, eval_seconds, history).
+    on their layer-0 embeddings. Handed-over initial embeddings are first
+    rescaled by fit_scale (rescale=True). Epoch 0 is the initial embeddings
+    themselves, so fine-tuning is kept only if it beats them on valid.
+    Training stops `patience` epochs after the best.
+    Returns dict(best_epoch, valid, test, scale (of the start, or None),
+    user_emb, item_emb (the final embeddings that scored), epoch_seconds,
+    eval_seconds, history).
     """
     if model not in TUNED:
         raise ValueError(f"unknown model {model!r} (mf or lightgcn)")
@@ -237,6 +262,13 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     ev_valid = Evaluator(n_items, (users, items), valid, ks, device=device)
     ev_test = Evaluator(n_items, (users, items), test, ks, device=device)
+    scale = None
+    if rescale and user_init is not None:
+        negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, np.random.default_rng(seed)), device=device)
+        scale = fit_scale(net, torch.stack([users_t, items_t + n_users, negs + n_users]), l2)
+        with torch.no_grad():
+            net.ego.mul_(scale)
+        log(f"{model}: pre-trained start rescaled by {scale:.3f}")
 
     def evaluate(ev):
         t = time.perf_counter()
@@ -247,7 +279,6 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     epoch_seconds, eval_seconds = [], []
     best = evaluate(ev_valid)
     best_epoch, best_state = 0, net.ego.detach().clone()
-    start = best_state if anchor else None  # the layer-0 start that `anchor` pulls back to
     history = [dict(epoch=0, loss=None, **{f"valid_{k}": v for k, v in best.items()})]
     log(f"{model} epoch 0 (init): valid recall@20 {best['recall@20']:.4f}")
     for epoch in range(1, epochs + 1):
@@ -258,10 +289,7 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         for idx in perm.split(batch):
             node = torch.stack([users_t[idx], items_t[idx] + n_users, negs[idx] + n_users])  # [3, B]
             u, i, j = F.embedding(node, net())  # [3, B, d] final embeddings (F.embedding: a fast backward)
-            e0 = F.embedding(node, net.ego)  # [3, B, d] layer-0
-            loss = bpr_loss((u * i).sum(1), (u * j).sum(1)) + l2 * e0.square().sum() / len(idx)
-            if anchor:
-                loss = loss + anchor * (e0 - F.embedding(node, start)).square().sum() / len(idx)
+            loss = bpr_loss((u * i).sum(1), (u * j).sum(1)) + l2 * F.embedding(node, net.ego).square().sum() / len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -280,6 +308,6 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         net.ego.copy_(best_state)
     test_m = evaluate(ev_test)
     user_emb, item_emb = net.embeddings()
-    return dict(best_epoch=best_epoch, valid=best, test=test_m,
+    return dict(best_epoch=best_epoch, valid=best, test=test_m, scale=scale,
                 user_emb=user_emb.cpu().numpy(), item_emb=item_emb.cpu().numpy(),
                 epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, history=history)

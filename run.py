@@ -49,8 +49,8 @@ def parse_args(argv=None):
     g.add_argument("--l2", type=float, help="L2 weight on the batch's layer-0 embeddings; default: "
                    + ", ".join(f"{m} {t['l2']:g}" for m, t in recommender.TUNED.items()))
     g.add_argument("--batch", type=int, default=2048, help="training triples per BPR step")
-    g.add_argument("--anchor", type=float, default=0.0,
-                   help="fine-tuning: L2 weight pulling the layer-0 embeddings back to the pre-trained start")
+    g.add_argument("--no-rescale", action="store_true",
+                   help="fine-tune the pre-trained start at its own scale, not the one that fits BPR + L2")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=100)
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
@@ -112,8 +112,8 @@ def run_name(args, dataset, model):
 
 def write_atomic(folder, outputs):
     """outputs {file name: write(binary file)}: every file is written in full to a temporary
-    file in `folder` first, and only then are they all renamed into place, so a failed or
-    interrupted run changes nothing and the files of one run are never mixed with another's."""
+    file in `folder` first, and only then are they all renamed into place, back to back: a
+    failed or interrupted run changes nothing, and the files in `folder` come from one run."""
     tmps = {}
     try:
         for name, write in outputs.items():
@@ -172,7 +172,7 @@ def run(args, data, model, load_seconds, out):
         res = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
                                 model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=args.l2,
                                 batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
-                                anchor=args.anchor if model == "mmcpr" else 0.0,
+                                rescale=not args.no_rescale,
                                 device=args.device, seed=args.seed, log=print, **init)
     except FloatingPointError as e:
         raise FloatingPointError(f"{downstream} {e} (try a lower --lr)") from None
@@ -182,7 +182,7 @@ def run(args, data, model, load_seconds, out):
 
     metrics = dict(
         dataset=data["name"], model=model, recommender=downstream, seed=args.seed, device=args.device,
-        best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], timings_s=timings,
+        best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], start_scale=res["scale"], timings_s=timings,
         encode_seconds=data.get("encode_seconds", {}),
         seconds_per_epoch=dict(finetune=float(np.mean(res["epoch_seconds"])) if res["epoch_seconds"] else None,
                                eval=float(np.mean(res["eval_seconds"])),

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import recommender as rec  # noqa: E402
@@ -174,8 +174,8 @@ def test_train_mf_keeps_a_perfect_initialisation():
     r = rec.train(n_users, n_items, train, valid, test, user_init=ue, item_init=ie,
                      epochs=3, patience=5, log=lambda s: None)
     assert r["best_epoch"] == 0 and r["valid"]["recall@10"] == pytest.approx(1.0)
-    np.testing.assert_array_equal(r["user_emb"], ue)
-    np.testing.assert_array_equal(r["item_emb"], ie)
+    np.testing.assert_allclose(r["user_emb"], ue * r["scale"], rtol=1e-6)  # the start, rescaled for BPR + L2
+    np.testing.assert_allclose(r["item_emb"], ie * r["scale"], rtol=1e-6)
 
 
 def test_collapsed_embeddings_score_nothing_and_nan_is_an_error():
@@ -305,3 +305,42 @@ def test_train_mf_refuses_a_user_with_every_item():
     train = (np.array([0, 0, 1]), np.array([0, 1, 0]))
     with pytest.raises(ValueError, match="every item"):
         rec.train(2, 2, train, (np.array([1]), np.array([1])), (np.array([1]), np.array([1])), epochs=1)
+
+
+def _bpr_l2(net, node, l2):
+    u, i, j = torch.nn.functional.embedding(node, net())
+    return (rec.bpr_loss((u * i).sum(1), (u * j).sum(1))
+            + l2 * torch.nn.functional.embedding(node, net.ego).square().sum() / node.shape[1]).item()
+
+
+@SETTINGS
+@given(split_data(), st.sampled_from(["mf", "lightgcn"]), st.floats(1e-4, 1e-1), st.floats(0.01, 100))
+def test_fit_scale_minimises_the_training_loss_and_is_scale_equivariant(data, model, l2, c):
+    n_users, n_items, train, _, ue, ie = data
+    ue, ie = ue.astype(np.float32), ie.astype(np.float32)
+    make = lambda k: (rec.MF(n_users, n_items, ue.shape[1], ue * k, ie * k) if model == "mf" else
+                      rec.LightGCN(n_users, n_items, rec.bipartite_adjacency(n_users, n_items, *train), 2,
+                                   ue.shape[1], ue * k, ie * k))
+    rng = np.random.default_rng(0)
+    node = torch.as_tensor(np.stack([train[0], train[1] + n_users, rng.integers(0, n_items, len(train[0])) + n_users]))
+    net = make(1.0)
+    s = rec.fit_scale(net, node, l2)
+    assert s > 0
+    best = _bpr_l2(make(s), node, l2)
+    for f in (0.8, 1.25):
+        assert best <= _bpr_l2(make(s * f), node, l2) + 1e-6
+    q = s * s  # searched in [1e-6, 1e6]; inside, the fit is equivariant: a start c times larger gets s / c
+    assume(1e-5 < q * min(1, c ** -2) and q * max(1, c ** -2) < 1e5)
+    assert rec.fit_scale(make(c), node, l2) == pytest.approx(s / c, rel=1e-3)
+
+
+def test_rescaled_start_ranks_as_before():
+    """Rescaling moves the start to the scale BPR + L2 wants without changing its ranking."""
+    n_users, n_items, train, valid, test = _toy()
+    rng = np.random.default_rng(1)
+    ue, ie = (rng.standard_normal((n, 8)).astype(np.float32) * 10 for n in (n_users, n_items))
+    kw = dict(model="lightgcn", user_init=ue, item_init=ie, epochs=1, log=lambda s: None)
+    a = rec.train(n_users, n_items, train, valid, test, rescale=True, **kw)
+    b = rec.train(n_users, n_items, train, valid, test, rescale=False, **kw)
+    assert 0 < a["scale"] < 1 and b["scale"] is None  # ten times Gaussian is far too confident for BPR
+    assert a["history"][0] == pytest.approx(b["history"][0])
