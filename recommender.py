@@ -197,21 +197,21 @@ def bpr_loss(pos_scores, neg_scores):
 
 
 @torch.no_grad()
-def fit_scale(net, node, l2):
-    """The factor s for the layer-0 embeddings that minimises the training loss on the triples
-    node [3, P] (users, positives, negatives as node ids), all else fixed.
+def fit_scale(net, node):
+    """The factor s for the layer-0 embeddings that minimises the BPR loss on the triples
+    node [3, P] (users, positives, negatives as node ids), all else fixed: the start's scores
+    calibrated to the loss that fine-tunes them.
 
-    A pre-trained start arrives at the scale its own objective left it (MMCPR's BCE with 8
-    negatives makes over-confident scores), not at the one BPR + L2 settles on; fine-tuning
-    from the wrong scale first spends its steps rescaling, and the ranking degrades meanwhile.
-    The final embeddings are linear in layer 0 (MF: equal; LightGCN: a propagation), so scores
-    scale by q = s² and the loss is mean softplus(-q x) + l2 q r with x = s_ui - s_uj and
-    r = |e_u^0|² + |e_i^0|² + |e_j^0|² per triple: convex in q, found by a ternary search over
-    log q. Rescaling changes no ranking, so epoch 0 scores the same."""
+    A pre-trained start arrives at the scale its own objective left it, not at the one BPR
+    wants: MMCPR's fused h, propagated by LightGCN, are about 3x too confident for BPR on
+    TikTok, and fine-tuning from there degraded valid from the first epoch. The final
+    embeddings are linear in layer 0 (MF: equal; LightGCN: a propagation), so scores scale by
+    q = s² and the loss is mean softplus(-q x) with x = s_ui - s_uj: convex in q, found by a
+    ternary search over log q in [1e-6, 1e6]. Rescaling changes no ranking, so epoch 0 scores
+    the same. (Adding the L2 term to this fit sends q to 0 once l2 is large, wiping the start.)"""
     u, i, j = F.embedding(node, net())
     x = ((u * i).sum(1) - (u * j).sum(1)).double()  # [P]
-    r = F.embedding(node, net.ego).square().sum((0, 2)).double().mean()
-    loss = lambda log_q: (F.softplus(-np.exp(log_q) * x).mean() + l2 * np.exp(log_q) * r).item()
+    loss = lambda log_q: F.softplus(-np.exp(log_q) * x).mean().item()
     lo, hi = np.log(1e-6), np.log(1e6)
     for _ in range(80):  # each round keeps 2/3 of the interval: (2/3)^80 * 28 < 1e-12
         m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
@@ -265,7 +265,7 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     scale = None
     if rescale and user_init is not None:
         negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, np.random.default_rng(seed)), device=device)
-        scale = fit_scale(net, torch.stack([users_t, items_t + n_users, negs + n_users]), l2)
+        scale = fit_scale(net, torch.stack([users_t, items_t + n_users, negs + n_users]))
         with torch.no_grad():
             net.ego.mul_(scale)
         log(f"{model}: pre-trained start rescaled by {scale:.3f}")
