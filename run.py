@@ -75,6 +75,8 @@ def parse_args(argv=None):
     g.add_argument("--split-seed", type=int, default=0, help="orders a user's interactions only where times are missing")
     g.add_argument("--text-encoder", help="local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)")
     g.add_argument("--image-encoder", help="local Hugging Face vision model folder")
+    g.add_argument("--precision", choices=("auto", "float32", "bf16"), default="auto",
+                   help="encoders' arithmetic; auto: bf16 where the CPU or GPU computes it natively")
     g.add_argument("--rebuild-features", action="store_true", help="re-encode even if cached")
     args = p.parse_args(argv)
     if args.data is None:  # the demo's 6.6k training pairs: batches of 2048 or 8192 are too few steps
@@ -220,7 +222,8 @@ def main(argv=None):
         if features.is_raw(folder):
             conversion = features.convert_raw(folder, kcore=args.kcore, split_seed=args.split_seed,
                                               text_encoder=args.text_encoder, image_encoder=args.image_encoder,
-                                              device=args.device, rebuild=args.rebuild_features, log=print) or {}
+                                              device=args.device, precision=args.precision,
+                                              rebuild=args.rebuild_features, log=print) or {}
         data = features.load_mmrec(folder)
         data["encode_seconds"] = conversion.get("encode_seconds", {})
         load_seconds = time.perf_counter() - t
