@@ -84,11 +84,12 @@ class Evaluator:
         A NaN score compares false with everything and would rank its item first,
         so every score must be finite. |e_u . e_i| <= |e_u| |e_i| (Cauchy-Schwarz,
         for every partial sum too), so finite embeddings whose largest norms
-        multiply to a finite float32 guarantee that, at the cost of one pass
-        over the embeddings instead of over the [users, items] scores."""
+        multiply to half float32's largest value guarantee that (the half a margin
+        for rounding), at the cost of one pass over the embeddings instead of over
+        the [users, items] scores."""
         norm = lambda e: torch.linalg.vector_norm(e.double(), dim=1).max()
         if not (torch.isfinite(user_emb).all() and torch.isfinite(item_emb).all()
-                and norm(user_emb) * norm(item_emb) < torch.finfo(torch.float32).max):
+                and norm(user_emb) * norm(item_emb) < torch.finfo(torch.float32).max / 2):
             raise FloatingPointError("non-finite scores: training diverged")
         total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision")}
         n_hit = torch.zeros(len(self.ks), self.n_eval, device=self.device)  # per user, for Hit@K
@@ -207,10 +208,15 @@ def fit_scale(net, node):
     TikTok, and fine-tuning from there degraded valid from the first epoch. The final
     embeddings are linear in layer 0 (MF: equal; LightGCN: a propagation), so scores scale by
     q = s² and the loss is mean softplus(-q x) with x = s_ui - s_uj: convex in q, found by a
-    ternary search over log q in [1e-6, 1e6]. Rescaling changes no ranking, so epoch 0 scores
-    the same. (Adding the L2 term to this fit sends q to 0 once l2 is large, wiping the start.)"""
-    u, i, j = F.embedding(node, net())
-    x = ((u * i).sum(1) - (u * j).sum(1)).double()  # [P]
+    ternary search over log q in [1e-6, 1e6] (a start that ranks no positive above its
+    negative ends at the floor). Rescaling changes no ranking, so epoch 0 scores the same.
+    (Adding the L2 term to this fit sends q to 0 once l2 is large, wiping the start.)"""
+    u, i, j = F.embedding(node, net().double())
+    x = (u * i).sum(1) - (u * j).sum(1)  # [P] s_ui - s_uj
+    if not torch.isfinite(x).all():
+        raise FloatingPointError("non-finite scores in the start")
+    if (x > 0).all() or (x == 0).all():
+        return 1.0  # separable or flat: no finite optimum, the start stays as it is
     loss = lambda log_q: F.softplus(-np.exp(log_q) * x).mean().item()
     lo, hi = np.log(1e-6), np.log(1e6)
     for _ in range(80):  # each round keeps 2/3 of the interval: (2/3)^80 * 28 < 1e-12
@@ -250,7 +256,8 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     if user_init is not None:
         dim = user_init.shape[1]
     users, items = (np.asarray(a, np.int64) for a in train_pairs)
-    if np.bincount(users).max() >= n_items:
+    pos_keys = np.unique(users * n_items + items)  # sorted, duplicates once
+    if np.bincount(pos_keys // n_items).max() >= n_items:
         raise ValueError("a user has trained on every item: no negative to sample")
     if model == "mf":
         net = MF(n_users, n_items, dim, user_init, item_init).to(device)
@@ -258,7 +265,6 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         adj = bipartite_adjacency(n_users, n_items, users, items).to(device)
         net = LightGCN(n_users, n_items, adj, layers, dim, user_init, item_init).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)  # fused: one kernel for the whole update
-    pos_keys = np.sort(users * n_items + items)
     users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     ev_valid = Evaluator(n_items, (users, items), valid, ks, device=device)
     ev_test = Evaluator(n_items, (users, items), test, ks, device=device)
@@ -270,13 +276,14 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
             net.ego.mul_(scale)
         log(f"{model}: pre-trained start rescaled by {scale:.3f}")
 
+    epoch_seconds, eval_seconds = [], []
+
     def evaluate(ev):
         t = time.perf_counter()
         m = ev.evaluate(*net.embeddings())
         eval_seconds.append(time.perf_counter() - t)
         return m
 
-    epoch_seconds, eval_seconds = [], []
     best = evaluate(ev_valid)
     best_epoch, best_state = 0, net.ego.detach().clone()
     history = [dict(epoch=0, loss=None, **{f"valid_{k}": v for k, v in best.items()})]
@@ -285,7 +292,7 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         t = time.perf_counter()
         perm = torch.as_tensor(rng.permutation(len(users)), device=device)
         negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, rng), device=device)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for idx in perm.split(batch):
             node = torch.stack([users_t[idx], items_t[idx] + n_users, negs[idx] + n_users])  # [3, B]
             u, i, j = F.embedding(node, net())  # [3, B, d] final embeddings (F.embedding: a fast backward)
@@ -293,7 +300,8 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)  # no .item() per step: a GPU would wait for each
+        total = total.item()
         epoch_seconds.append(time.perf_counter() - t)
         m = evaluate(ev_valid)
         history.append(dict(epoch=epoch, loss=total / len(users), **{f"valid_{k}": v for k, v in m.items()}))

@@ -34,7 +34,8 @@ def parse_args(argv=None):
       help="mmcpr: pre-train, then fine-tune --recommender; mf, lightgcn: that baseline alone")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--seed", type=int, default=0, help="training seed (never changes the split)")
-    a("--out", help="output folder (default runs/<dataset>-<model>-s<seed>-<digest of the settings>)")
+    a("--out", help="output folder (default runs/<dataset>-<model>-s<seed>-<digest of the settings>; "
+                    "the demo: OUT/<that name>)")
     a("--topk", default="10,20,50", help="comma-separated cut-offs K")
     g = p.add_argument_group("the recommender (a baseline, or MMCPR's fine-tuning)")
     g.add_argument("--recommender", choices=("mf", "lightgcn"), default="lightgcn",
@@ -50,7 +51,7 @@ def parse_args(argv=None):
                    + ", ".join(f"{m} {t['l2']:g}" for m, t in recommender.TUNED.items()))
     g.add_argument("--batch", type=int, default=2048, help="training triples per BPR step")
     g.add_argument("--no-rescale", action="store_true",
-                   help="fine-tune the pre-trained start at its own scale, not the one that fits BPR + L2")
+                   help="fine-tune the pre-trained start at its own scale, not the one that fits BPR")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=100)
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
@@ -107,7 +108,7 @@ def run_name(args, dataset, model):
     """<dataset>-<model>-s<seed>-<digest>: the digest covers every setting that can change
     the result, so runs with different settings never share (or overwrite) a folder."""
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("data", "out", "rebuild_features")}
-    settings["model"] = model
+    settings.update(model=model, data=os.path.abspath(args.data) if args.data else None)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{dataset}-{model}" + (f"+{args.recommender}" if model == "mmcpr" else "") + f"-s{args.seed}-{digest}"
 
@@ -115,7 +116,7 @@ def run_name(args, dataset, model):
 def write_atomic(folder, outputs):
     """outputs {file name: write(binary file)}: every file is written in full to a temporary
     file in `folder` first, and only then are they all renamed into place, back to back: a
-    failed or interrupted run changes nothing, and the files in `folder` come from one run."""
+    failed run changes nothing, and the renames come back to back once all is written."""
     tmps = {}
     try:
         for name, write in outputs.items():
@@ -200,6 +201,9 @@ def run(args, data, model, load_seconds, out):
     if model == "mmcpr":
         outputs.update({f"{k}.npy": lambda f, k=k: np.save(f, pre[k]) for k in ("user_emb", "item_emb")})
     write_atomic(out, outputs)
+    for stale in {"user_emb.npy", "item_emb.npy"} - set(outputs):  # a reused --out keeps one run's files only
+        if os.path.exists(os.path.join(out, stale)):
+            os.unlink(os.path.join(out, stale))
     ks = args.topk
     print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
           + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s, metrics in {out}/")
@@ -211,8 +215,8 @@ def run(args, data, model, load_seconds, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        folder, models = args.data, [args.model]
+    folder, models = args.data, [args.model]
+    try:  # the user's input and set-up: a missing file or package, bad data
         if folder is None:  # the embedded demo: synthetic raw data, then the baselines against MMCPR
             folder, models = os.path.join(args.out or "runs", f"demo-data-{args.seed}"), ["mf", "lightgcn", "mmcpr"]
             print(f"no --data: running the offline demo on SYNTHETIC data generated in {folder}/")
@@ -227,13 +231,17 @@ def main(argv=None):
         data = features.load_mmrec(folder)
         data["encode_seconds"] = conversion.get("encode_seconds", {})
         load_seconds = time.perf_counter() - t
-        results = {}
+    except (features.DataError, ImportError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = {}
+    try:  # training: only bad input and divergence are one line; anything else is a bug, with its traceback
         for m in models:  # --out names the folder of a single run; the demo puts its runs under it
             name = run_name(args, data["name"], m)
             out = args.out if args.out and args.data else os.path.join(args.out or "runs", name)
             results[m] = run(args, data, m, load_seconds, out)
-    except (features.DataError, ImportError, FileNotFoundError, PermissionError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)  # the user's input or set-up; anything else is a bug: traceback
+    except (features.DataError, FloatingPointError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if len(results) > 1:
         print("\ndemo (synthetic data), test split:")

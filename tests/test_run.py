@@ -184,3 +184,56 @@ def test_divergence_names_the_stage_and_bugs_keep_their_traceback(tmp_path, monk
     monkeypatch.setattr(mmcpr, "pretrain", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         run_module.main(argv)
+
+
+def fake_train_run(tmp_path, monkeypatch, model, *flags):
+    """The kwargs run.py hands recommender.train, and the metrics it writes from its result."""
+    sys.path.insert(0, str(ROOT))
+    import features
+    import recommender
+    import run as run_module
+
+    tmp_path.mkdir(exist_ok=True)
+    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    seen, real = {}, recommender.train
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recommender, "train", spy)
+    args = run_module.parse_args(["--data", "x", "--epochs", "1", "--pretrain-epochs", "1", *flags])
+    return seen, run_module.run(args, data, model, 0.0, str(tmp_path / "out"))
+
+
+def test_recommender_flags_reach_fine_tuning(tmp_path, monkeypatch):
+    seen, m = fake_train_run(tmp_path, monkeypatch, "lightgcn", "--ui-layers", "3", "--l2", "0.5", "--lr", "0.2")
+    assert (seen["model"], seen["layers"], seen["l2"], seen["lr"]) == ("lightgcn", 3, 0.5, 0.2)
+    assert m["start_scale"] is None and "user_init" not in seen
+    seen, m = fake_train_run(tmp_path / "b", monkeypatch, "mmcpr", "--recommender", "mf", "--no-rescale")
+    assert seen["model"] == "mf" and seen["rescale"] is False and m["start_scale"] is None
+    assert seen["user_init"].shape == (60, 64)
+    seen, m = fake_train_run(tmp_path / "c", monkeypatch, "mmcpr")
+    assert seen["model"] == "lightgcn" and seen["rescale"] is True and m["start_scale"] > 0
+
+
+def test_demo_runs_the_three_models_side_by_side(tmp_path, monkeypatch, capsys):
+    """The demo (no --data) writes its data under --out and runs MF, LightGCN and MMCPR."""
+    sys.path.insert(0, str(ROOT))
+    import features
+    import run as run_module
+
+    made = {}
+
+    def fake_demo(folder, seed):  # the toy MMRec folder instead of encoding synthetic raw data
+        made.update(folder=folder, seed=seed)
+        Path(folder).parent.mkdir(parents=True, exist_ok=True)
+        make_dataset(Path(folder))
+
+    monkeypatch.setattr(features, "make_demo", fake_demo)
+    out = tmp_path / "demo"
+    assert run_module.main(["--out", str(out), "--seed", "3", "--epochs", "1", "--pretrain-epochs", "1"]) == 0
+    assert made == dict(folder=str(out / "demo-data-3"), seed=3)
+    runs = sorted(p.name.split("-s3-")[0] for p in out.iterdir() if p.name != "demo-data-3")
+    assert runs == ["toy-lightgcn", "toy-mf", "toy-mmcpr+lightgcn"]
+    assert "demo (synthetic data), test split" in capsys.readouterr().out
