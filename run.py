@@ -115,8 +115,8 @@ def run_name(args, dataset, model):
 
 def write_atomic(folder, outputs):
     """outputs {file name: write(binary file)}: every file is written in full to a temporary
-    file in `folder` first, and only then are they all renamed into place, back to back: a
-    failed run changes nothing, and the renames come back to back once all is written."""
+    file in `folder` first, and only then are they all renamed into place, back to back:
+    a failed run changes nothing."""
     tmps = {}
     try:
         for name, write in outputs.items():
