@@ -51,7 +51,9 @@ def _read_inter(path):
             raise DataError(f"{name}: missing column '{col}' (header: {' '.join(header)})")
         cols.append(header.index(col))
     try:
-        raw = np.loadtxt(path, delimiter="\t", skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
+        with warnings.catch_warnings():  # an empty file is reported below, as one line
+            warnings.simplefilter("ignore", UserWarning)
+            raw = np.loadtxt(path, delimiter="\t", skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
     except ValueError as e:
         raise DataError(f"{name}: unreadable row ({str(e).splitlines()[-1]})") from None
     if len(raw) == 0:
