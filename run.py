@@ -64,6 +64,8 @@ def parse_args(argv=None):
     g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature")
     g.add_argument("--lambda-align", type=float, default=0.01, help="weight of the alignment loss")
     g.add_argument("--fusion", choices=("attention", "mean"), default="attention")
+    g.add_argument("--modality-dropout", type=float, default=0.0,
+                   help="probability of masking each modality in the attention while pre-training")
     g.add_argument("--modalities", help="item content modalities to use, e.g. image,audio; 'none': graph only "
                                         "(default: all)")
     g.add_argument("--no-align", action="store_true", help="drop the contrastive alignment loss")
@@ -96,6 +98,8 @@ def parse_args(argv=None):
     for name in ("layers", "ui_layers", "pretrain_epochs"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be at least 0")
+    if not 0 <= args.modality_dropout < 1:
+        p.error("--modality-dropout must be in [0, 1)")
     if args.tau < 0.025:
         p.error("--tau must be at least 0.025 (below, float32 exp underflows in the InfoNCE)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -157,6 +161,7 @@ def run(args, data, model, load_seconds, out):
                              epochs=args.pretrain_epochs, batch=args.pretrain_batch,
                              align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
                              tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
+                             modality_dropout=args.modality_dropout,
                              user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
                              align=not args.no_align, standardize=not args.no_standardize,
                              device=args.device, seed=args.seed, log=print)

@@ -199,6 +199,29 @@ def test_attention_weights_are_a_distribution_and_copies_fuse_to_themselves(seed
     fused, _ = att(x.unsqueeze(1).expand(n, m, d))
     assert torch.allclose(fused, x, atol=1e-5)
 
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 30), st.integers(1, 5), st.floats(0.1, 0.9))
+def test_modality_dropout_masks_in_training_only_and_keeps_a_modality(seed, n, m, drop):
+    torch.manual_seed(seed)
+    att = mmcpr.ModalityAttention(4, drop)
+    H = torch.randn(n, m, 4, requires_grad=True)
+    h, alpha = att.train()(H)
+    assert torch.allclose(alpha.sum(1), torch.ones(n), atol=1e-6) and ((alpha > 0).sum(1) >= 1).all()
+    h.sum().backward()
+    assert torch.isfinite(H.grad).all() and torch.isfinite(att.q.weight.grad).all()
+    ref = mmcpr.ModalityAttention(4)
+    ref.load_state_dict(att.state_dict())
+    with torch.no_grad():
+        assert all(torch.equal(x, y) for x, y in zip(att.eval()(H), ref(H)))
+
+
+def test_modality_dropout_masks_about_the_given_share():
+    torch.manual_seed(0)
+    _, alpha = mmcpr.ModalityAttention(4, 0.3).train()(torch.randn(20000, 3, 4))
+    # P(masked) = drop * P(not the one kept) = 0.3 * 2/3
+    assert abs((alpha == 0).float().mean().item() - 0.2) < 0.01
+
+
 # ---------------------------------------------------------------------------- losses and sampler
 
 @FAST
@@ -374,7 +397,7 @@ def test_model_refuses_a_non_symmetric_adjacency():
 
 
 def test_model_output_does_not_depend_on_train_or_eval_mode():
-    # pretrain sets no mode: that is right only while the model has no dropout or batch norm
+    # without modality dropout, the mode changes nothing: there is no other dropout or batch norm
     _, model = make_model(10, 8, {'text': 5, 'image': 3}, review_dim=4)
     assert not any(isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm)) for m in model.modules())
     with torch.no_grad():

@@ -68,6 +68,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     p = run("--data", data, "--tau", "0.01")
     assert p.returncode == 2 and "--tau must be at least 0.025" in p.stderr and "Traceback" not in p.stderr
+    p = run("--data", data, "--modality-dropout", "1")
+    assert p.returncode == 2 and "--modality-dropout must be in [0, 1)" in p.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -125,7 +127,7 @@ def fake_pretrain_run(tmp_path, monkeypatch, *flags):
 
 @pytest.mark.parametrize("flags,want", [
     ([], dict(item_feats=["audio", "image"], user_feat=True, fusion="attention", user_graph=True,
-              item_graph=True, align=True)),
+              item_graph=True, align=True, modality_dropout=0.0)),
     (["--no-reviews"], dict(user_feat=False)),
     (["--modalities", "image"], dict(item_feats=["image"])),
     (["--modalities", "none"], dict(item_feats=[])),
@@ -133,6 +135,7 @@ def fake_pretrain_run(tmp_path, monkeypatch, *flags):
     (["--no-user-graph"], dict(user_graph=False, item_graph=True)),
     (["--no-item-graph"], dict(user_graph=True, item_graph=False)),
     (["--no-align"], dict(align=False)),
+    (["--modality-dropout", "0.3"], dict(modality_dropout=0.3)),
 ])
 def test_ablation_flags_reach_pretraining(tmp_path, monkeypatch, flags, want):
     seen = fake_pretrain_run(tmp_path, monkeypatch, *flags)
