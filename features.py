@@ -436,7 +436,7 @@ def _lite0(device, dtype):
             x = F.conv2d(x, w, b, stride, (pad[2], pad[0]), groups=x.shape[1] // w.shape[1])
         else:  # depthwise where w has 1 input channel
             x = F.conv2d(F.pad(x, pad), w, b, stride, groups=x.shape[1] // w.shape[1])
-        return F.relu6(x) if act else x
+        return x.clamp_(0, 6) if act else x  # ReLU6 in place: a fresh output tensor would cost as much as the convolution
 
     def network(x):
         x = conv(x.to(dtype, memory_format=torch.channels_last), stem, 2)
