@@ -28,9 +28,10 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
 - `fusion` ('attention'): inter-modal aggregation by attention as in the paper, or 'mean'
   for the ablation;
 - `modality_dropout` (0): in training, each of a node's attention scores is masked with this
-  probability (one modality always kept). Without it the attention can settle on one content
-  modality within the first epoch: the others then get almost no gradient from the BCE and the
-  L2 shrinks them (MovieLens: the image's weight is 0.000 beside text);
+  probability (one modality always kept). The attention can settle on one content modality
+  within the first epoch (MovieLens: text, the image's weight 0.000); the others then get
+  almost no gradient from the BCE, only the alignment's. Dropout keeps them training, but 0.1
+  and 0.3 did not beat 0 on MovieLens' valid split, so it is off (README, Modalities);
 - `align` (on), `lambda_align` (0.01), `tau` (0.2): the aligned representations are the
   projector outputs, before propagation, so that alignment acts on the content encoders;
   lambda_align chosen on TikTok's valid split;
