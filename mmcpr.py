@@ -27,8 +27,8 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
   shared by all items would make every projection point the same way;
 - `fusion` ('attention'): inter-modal aggregation by attention as in the paper, or 'mean'
   for the ablation;
-- `modality_dropout` (0): in training, each of a node's attention scores is masked with this
-  probability (one modality always kept). The attention can settle on one content modality
+- `modality_dropout` (0): in training, each of a node's attention scores but one, drawn at
+  random, is masked with this probability (`ModalityAttention`). The attention can settle on one content modality
   within the first epoch (MovieLens: text, the image's weight 0.000); the others then get
   almost no gradient from the BCE, only the alignment's. Dropout keeps them training, but 0.1
   and 0.3 did not beat 0 on MovieLens' valid split, so it is off (README, Modalities);
@@ -161,9 +161,10 @@ def propagate(A, x, layers):
 
 class ModalityAttention(nn.Module):
     """score_m = qᵀ tanh(W h_m + b), α = softmax over the node's modalities, h = Σ_m α_m h_m.
-    drop > 0, in training mode only: modality dropout, each of a node's scores is masked with
-    probability drop (one modality drawn at random always stays), so the fusion must sometimes
-    rest on a modality it would otherwise ignore, which keeps that modality's encoder training."""
+    drop > 0, in training mode only: modality dropout. Per node one modality, drawn at random,
+    is kept; each of the others is masked with probability drop (so a score is masked with
+    probability drop (M-1)/M). The fusion must then sometimes rest on a modality it would
+    otherwise ignore, which keeps that modality's encoder training."""
 
     def __init__(self, d, drop=0.0):
         super().__init__()
@@ -331,6 +332,8 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         notes.append('item graph off: no item-side propagation')
     if fusion == 'mean':
         notes.append('fusion=mean: modalities averaged, no attention')
+        if modality_dropout:
+            notes.append('modality_dropout has no effect with fusion=mean')
 
     t = time.perf_counter()
     A_user, A_item = build_graphs(R, knn, user_graph, item_graph)

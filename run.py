@@ -65,7 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--lambda-align", type=float, default=0.01, help="weight of the alignment loss")
     g.add_argument("--fusion", choices=("attention", "mean"), default="attention")
     g.add_argument("--modality-dropout", type=float, default=0.0,
-                   help="probability of masking each modality in the attention while pre-training")
+                   help="pre-training: per node, each modality but one drawn at random is masked in the attention with this probability")
     g.add_argument("--modalities", help="item content modalities to use, e.g. image,audio; 'none': graph only "
                                         "(default: all)")
     g.add_argument("--no-align", action="store_true", help="drop the contrastive alignment loss")

