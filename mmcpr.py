@@ -34,7 +34,7 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
   and 0.3 did not beat 0 on MovieLens' valid split, so it is off (README, Modalities);
 - `align` (on), `lambda_align` (0.01), `tau` (0.2): the aligned representations are the
   projector outputs, before propagation, so that alignment acts on the content encoders;
-  lambda_align chosen on TikTok's valid split;
+  lambda_align chosen on TikTok's valid split (MovieLens' agrees);
 - `align_batch` (1024): the alignment contrasts the batch's distinct items in random groups
   of at most this many, which bounds the [B, B] similarity matrix;
 - `l2` (1e-3): squared norm of a node's ego representations summed over its modalities (ID
