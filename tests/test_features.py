@@ -49,6 +49,19 @@ def convert(folder, tiny, logs=None, precision="float32", **kw):
                        log=(logs if logs is not None else []).append, **kw)
 
 
+def demo_features(folder, tiny, **kw):
+    """The small demo converted with the tiny encoders under convert's keywords kw:
+    [text, review, image] feature arrays."""
+    make_demo(folder, n_users=20, n_items=12)
+    convert(folder, tiny, **kw)
+    return [np.load(Path(folder) / f"{m}_feat.npy") for m in ("text", "review", "image")]
+
+
+def row_cosine(a, b):
+    """Cosine of each row of a with the same row of b."""
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
 def read(folder, name):
     return (Path(folder) / name).read_text()
 
@@ -344,14 +357,9 @@ def test_two_conversions_started_together_both_succeed(tmp_path, tiny):
 
 def test_bf16_agrees_with_float32(tmp_path, tiny):
     """bf16 autocast against float32 on the tiny encoders: every feature row within cosine 0.99."""
-    feats = {}
-    for precision in ("float32", "bf16"):
-        make_demo(tmp_path / precision, n_users=20, n_items=12)
-        convert(tmp_path / precision, tiny, precision=precision)
-        feats[precision] = [np.load(tmp_path / precision / f"{m}_feat.npy") for m in ("text", "review", "image")]
+    feats = {precision: demo_features(tmp_path / precision, tiny, precision=precision) for precision in ("float32", "bf16")}
     for a, b in zip(feats["float32"], feats["bf16"]):
-        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        assert cos.min() > 0.99 and not np.array_equal(a, b)
+        assert row_cosine(a, b).min() > 0.99 and not np.array_equal(a, b)
     assert _precision("auto", "cpu") in ("float32", "bf16") and _precision("float32", "cpu") == "float32"
     with pytest.raises(ValueError, match="precision must be auto, float32 or bf16"):
         convert(tmp_path / "float32", tiny, precision="fp16")
