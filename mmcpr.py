@@ -44,7 +44,10 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
   on TikTok's valid split;
 - `batch` (8192): observed pairs per step; every step propagates the whole graph, so large
   steps make an epoch cheaper;
-- `epochs` (100): chosen on TikTok's valid split.
+- `epochs` (100): chosen on TikTok's valid split;
+- the hand-off: `pretrain` returns the fused h (propagated, then attended), the vectors the
+  BCE scored, as the downstream model's layer-0 embeddings; the layer-0 (ego)
+  representations fused by the same α start LightGCN lower and fine-tune worse (README).
 """
 
 import itertools
