@@ -41,7 +41,8 @@ def parse_args(argv=None):
     g.add_argument("--recommender", choices=("mf", "lightgcn"), default="lightgcn",
                    help="the downstream model that fine-tunes MMCPR's representations")
     g.add_argument("--ui-layers", type=int, default=recommender.TUNED["lightgcn"]["layers"],
-                   help="LightGCN propagation layers on the user-item graph")
+                   help="LightGCN propagation layers on the user-item graph "
+                        "(the README gives each dataset's, chosen on valid)")
     g.add_argument("--dim", type=int, default=64, help="embedding size d")
     g.add_argument("--epochs", type=int, default=1000)
     g.add_argument("--patience", type=int, default=recommender.PATIENCE,
