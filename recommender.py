@@ -228,8 +228,9 @@ def fit_scale(net, node):
 # Defaults: Amazon Baby's L2, chosen on its valid split for the baseline and for fine-tuning
 # alike; the README lists each dataset's (TikTok: 3e-2 for both models, movielens: 1e-3 for
 # MF, 1e-4 for LightGCN). Depth 2 was best on valid for LightGCN fine-tuning MMCPR's start on
-# all three sets; LightGCN alone preferred 3 on Baby and 1 on movielens. Patience: MF on TikTok sits on a valid plateau for tens of epochs
-# before it climbs again; patience 50 stopped it at test Recall@20 0.0880, 100 at 0.0903.
+# all three sets; LightGCN alone preferred 3 on Baby and 1 on movielens. Patience: MF on
+# TikTok sits on a valid plateau for tens of epochs before it climbs again; patience 50
+# stopped it at test Recall@20 0.0880, 100 at 0.0903.
 TUNED = {"mf": dict(lr=1e-3, l2=3e-2), "lightgcn": dict(lr=1e-3, l2=1e-2, layers=2)}
 PATIENCE = 100
 
