@@ -86,17 +86,28 @@ def _read_feat(path, n_rows, what):
     return x
 
 
-def load_mmrec(folder, log=print):
+def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
     """Load an MMRec-layout folder.
 
     Returns a dict: name, n_users, n_items, train/valid/test as (users, items)
     int64 arrays, item_feats {modality: float32 [n_items, f]}, user_feat
     (float32 [n_users, f] or None), n_cold: users with held-out items but no
     training items, whose valid/test pairs are dropped (as MMRec leaves them
-    out of evaluation).
+    out of evaluation), and cold (None, or the item cold-start split below).
+
+    cold_items F > 0: ColdRec's item cold-start split. The items with any pair
+    in the file are ordered by np.random.default_rng(split_seed).permutation;
+    the first c = round(F n) are new items, the first c // 2 of them
+    cold-valid, the rest cold-test. Every pair of a new item, whatever its
+    x_label, leaves train/valid/test (which then hold the warm task); the
+    new items keep their rows of item_feats, as a new item arrives with its
+    content. cold = dict(valid_items, test_items: sorted int64 item ids,
+    valid, test: (users, items), their pairs of users with a training pair).
     """
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
+    if not 0 <= cold_items < 1:
+        raise DataError(f"cold_items must be in [0, 1), got {cold_items}")
     inters = sorted(glob.glob(os.path.join(folder, "*.inter")))
     if len(inters) != 1:
         found = ", ".join(os.path.basename(p) for p in inters) or "none"
@@ -119,7 +130,11 @@ def load_mmrec(folder, log=print):
         raise DataError(f"{name}: pair (user {u}, item {i}) appears in more than one split")
 
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
-    parts = {s: (users[split == j], items[split == j]) for j, s in enumerate(("train", "valid", "test"))}
+    order = np.random.default_rng(split_seed).permutation(np.unique(items))  # items with any pair
+    c = round(cold_items * len(order))
+    cold_sets = (np.sort(order[:c // 2]), np.sort(order[c // 2:c])) if cold_items else ()
+    new = np.isin(items, order[:c])
+    parts = {s: (users[(split == j) & ~new], items[(split == j) & ~new]) for j, s in enumerate(("train", "valid", "test"))}
     has_train = np.zeros(n_users, bool)
     has_train[parts["train"][0]] = True
     held_out = np.unique(np.concatenate([parts["valid"][0], parts["test"][0]]))
@@ -131,6 +146,15 @@ def load_mmrec(folder, log=print):
             raise DataError(f"{name}: the {s} split (x_label {j}) is empty")
         if not has_train[u].any():
             raise DataError(f"{name}: no user of the {s} split (x_label {j}) has training interactions")
+    cold = None
+    if cold_items:
+        cold = dict(valid_items=cold_sets[0], test_items=cold_sets[1])
+        for s, ids in zip(("valid", "test"), cold_sets):
+            m = np.isin(items, ids) & has_train[users]
+            if not m.any():
+                raise DataError(f"{name}: --cold-items {cold_items}: no cold-{s} item has a pair of a user "
+                                "with training interactions")
+            cold[s] = (users[m], items[m])
 
     item_feats, user_feat = {}, None
     for p in sorted(glob.glob(os.path.join(folder, "*_feat.npy"))):
@@ -145,9 +169,11 @@ def load_mmrec(folder, log=print):
     log(f"loaded {name}: {n_users} users, {n_items} items, "
         + " / ".join(f"{len(parts[s][0])} {s}" for s in parts)
         + f"; item modalities: {', '.join(item_feats) or 'none'}; reviews: {'yes' if user_feat is not None else 'no'}"
-        + (f"; {n_cold} users with held-out items but no training items are left out of evaluation" if n_cold else ""))
+        + (f"; {n_cold} users with held-out items but no training items are left out of evaluation" if n_cold else "")
+        + (f"; new items (split seed {split_seed}): {len(cold_sets[0])} cold-valid, {len(cold_sets[1])} cold-test, "
+           f"their {int(new.sum())} pairs out of training" if cold_items else ""))
     return dict(name=os.path.splitext(name)[0], n_users=n_users, n_items=n_items, **parts,
-                item_feats=item_feats, user_feat=user_feat, n_cold=n_cold)
+                item_feats=item_feats, user_feat=user_feat, n_cold=n_cold, cold=cold)
 
 
 # -----------------------------------------------------------------------------

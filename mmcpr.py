@@ -32,6 +32,11 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
   within the first epoch (MovieLens: text, the image's weight 0.000); the others then get
   almost no gradient from the BCE, only the alignment's. Dropout keeps them training, but 0.1
   and 0.3 did not beat 0 on MovieLens' valid split, so it is off (README, Modalities);
+- `id_dropout` (0): DropoutNet's, each step masks each item's ID modality with this
+  probability, so the BCE also trains h_i from content alone, as a new item's must be (a new
+  item, one without a training pair, has its ID modality masked always, at training and at
+  scoring, and is never a negative). On MovieLens' cold-valid split 0.5 ranked the new
+  items within a seed's spread of 0 (README, New items), so it is off;
 - `align` (on), `lambda_align` (0.01), `tau` (0.2): the aligned representations are the
   projector outputs, before propagation, so that alignment acts on the content encoders;
   lambda_align chosen on TikTok's valid split (MovieLens' agrees);
@@ -175,12 +180,15 @@ class ModalityAttention(nn.Module):
         self.q = nn.Linear(d, 1, bias=False)
         self.drop = drop
 
-    def forward(self, H):                                              # H: [N, M, d]
+    def forward(self, H, mask=None):                                   # H: [N, M, d], mask: [N, M] bool
+        """mask: the modalities a node has (a new item has no ID one); the others get α = 0."""
         score = self.q(torch.tanh(self.W(H))).squeeze(-1)              # [N, M]
+        keep = torch.ones_like(score, dtype=torch.bool) if mask is None else mask
         if self.training and self.drop > 0:
-            N, M = score.shape
-            keep = torch.rand_like(score) >= self.drop
-            keep[torch.arange(N, device=H.device), torch.randint(M, (N,), device=H.device)] = True
+            one = torch.rand_like(score).masked_fill(~keep, -1).argmax(1)  # one present modality always stays
+            keep = keep & (torch.rand_like(score) >= self.drop)
+            keep[torch.arange(len(score), device=H.device), one] = True
+        if mask is not None or (self.training and self.drop > 0):
             score = score.masked_fill(~keep, -torch.inf)
         alpha = torch.softmax(score, dim=1)                            # [N, M]
         return (alpha.unsqueeze(-1) * H).sum(1), alpha                 # [N, d], [N, M]
@@ -225,31 +233,35 @@ def bce_loss(pos_logits, neg_logits):
     return (F.softplus(-pos_logits).sum() + F.softplus(neg_logits).sum()) / n
 
 
-def sample_negatives(keys, users, n_items, n_neg, rng):
-    """n_neg items per user, uniform over the items the user has NOT interacted with in training.
+def sample_negatives(keys, users, n_items, n_neg, rng, pool=None):
+    """n_neg items per user, uniform over the items of `pool` (int64 ids, default all) the user
+    has NOT interacted with in training. A new item stays out of the pool: unknown, not disliked.
     keys: sorted int64 u * n_items + i of the training pairs; users: [B] -> [B, n_neg] int64.
     Rejection in rounds, redrawing only collisions; every user must miss at least one item."""
+    draw = (lambda n: rng.integers(0, n_items, n)) if pool is None else (lambda n: pool[rng.integers(0, len(pool), n)])
     u = np.repeat(np.asarray(users, np.int64), n_neg)
-    neg = rng.integers(0, n_items, len(u))
+    neg = draw(len(u))
     bad = np.arange(len(u))
     while len(bad):
         key = u[bad] * n_items + neg[bad]
         bad = bad[keys[np.minimum(np.searchsorted(keys, key), len(keys) - 1)] == key]
-        neg[bad] = rng.integers(0, n_items, len(bad))
+        neg[bad] = draw(len(bad))
     return neg.reshape(-1, n_neg)
 
 # -----------------------------------------------------------------------------
 # the model
 
-def prepare(x, standardize=True):
+def prepare(x, standardize=True, rows=None):
     """Feature matrix [N, f] -> float32 tensor, by default standardised per dimension (zero mean,
-    unit variance over the rows). TikTok's image features share an offset of norm 31 against a
-    spread of about 1.3 a dimension: raw, every item's projection points the same way.
+    unit variance over `rows`, default all: the items known at training time, so that a new
+    item's features change nothing trained). TikTok's image features share an offset of norm 31
+    against a spread of about 1.3 a dimension: raw, every item's projection points the same way.
     A column whose spread is float rounding of its mean (constant in truth) maps to 0."""
     x = torch.from_numpy(np.asarray(x, np.float32))
     if not standardize:
         return x
-    mu, sd = x.mean(0), x.std(0, correction=0)
+    fit = x if rows is None else x[torch.as_tensor(rows)]
+    mu, sd = fit.mean(0), fit.std(0, correction=0)
     return (x - mu) / torch.where(sd > 1e-5 * (1 + mu.abs()), sd + 1e-6, torch.inf)
 
 
@@ -259,10 +271,12 @@ def projector(f, d):
 
 class MMCPR(nn.Module):
     """User modalities: 'graph' (ID embedding) [+ 'review']. Item modalities: 'graph' + every
-    content feature. Each is propagated over its side's graph, then fused per node."""
+    content feature. Each is propagated over its side's graph, then fused per node.
+    has_id [I] bool: the items with a training pair; a new item's ID modality is masked out
+    of the fusion, so its h_i is built from its content alone."""
 
     def __init__(self, n_users, n_items, user_adj, item_adj, item_feats, user_feat=None,
-                 dim=64, layers=3, fusion='attention', modality_dropout=0.0):
+                 dim=64, layers=3, fusion='attention', modality_dropout=0.0, has_id=None):
         super().__init__()
         assert fusion in ('attention', 'mean')
         check_symmetric(user_adj, 'user_adj')
@@ -272,6 +286,7 @@ class MMCPR(nn.Module):
         self.item_id = nn.Embedding(n_items, dim)
         nn.init.normal_(self.user_id.weight, std=0.1)
         nn.init.normal_(self.item_id.weight, std=0.1)
+        self.register_buffer('has_id', torch.ones(n_items, dtype=torch.bool) if has_id is None else has_id)
         self.content = list(item_feats)                                # item content modality names
         for name, f in item_feats.items():
             self.register_buffer('feat_' + name, f.float())           # [I, f]
@@ -286,21 +301,32 @@ class MMCPR(nn.Module):
         self.user_att = ModalityAttention(dim, modality_dropout) if attend and len(self.user_modalities) > 1 else None
         self.item_att = ModalityAttention(dim, modality_dropout) if attend and len(self.item_modalities) > 1 else None
 
-    def side(self, adj, E, att):
-        """E: [N, M, d] ego modality representations -> fused [N, d], α [N, M]."""
+    def side(self, adj, E, att, mask=None):
+        """E: [N, M, d] ego modality representations, mask: [N, M] bool (None: all present)
+        -> fused [N, d], α [N, M]."""
         H = propagate(adj, E.flatten(1), self.layers).view_as(E)      # all modalities in one spmm
-        if att is None:
-            return H.mean(1), torch.full(H.shape[:2], 1 / H.shape[1], device=H.device)
-        return att(H)
+        if att is not None:
+            return att(H, mask)
+        w = torch.ones(H.shape[:2], device=H.device) if mask is None else mask.float()
+        alpha = w / w.sum(1, keepdim=True)                            # mean over the present modalities
+        return (alpha.unsqueeze(-1) * H).sum(1), alpha
 
-    def forward(self):
+    def forward(self, id_dropout=0.0, content_only=False):
         """-> fused h_u [U, d], h_i [I, d]; ego modality representations E_u [U, Mu, d], E_i [I, Mi, d]
-        in the order of user_modalities, item_modalities; attention weights α_u [U, Mu], α_i [I, Mi]."""
+        in the order of user_modalities, item_modalities; attention weights α_u [U, Mu], α_i [I, Mi].
+        An item's ID modality is masked where it has no training pair, where id_dropout drops it
+        (DropoutNet: content learns to stand in for it), and for every item if content_only."""
         E_u = [self.user_id.weight] + ([self.user_proj(self.user_feat)] if self.user_proj is not None else [])
         E_i = [self.item_id.weight] + [self.item_proj[name](getattr(self, 'feat_' + name)) for name in self.content]
         E_u, E_i = torch.stack(E_u, 1), torch.stack(E_i, 1)
         h_u, alpha_u = self.side(self.user_adj, E_u, self.user_att)
-        h_i, alpha_i = self.side(self.item_adj, E_i, self.item_att)
+        has_id = torch.zeros_like(self.has_id) if content_only else self.has_id
+        if id_dropout > 0:
+            has_id = has_id & (torch.rand(len(has_id), device=has_id.device) >= id_dropout)
+        mask = None                                                   # content-less items keep their ID
+        if self.content:
+            mask = torch.cat([has_id.unsqueeze(1), has_id.new_ones(len(has_id), len(self.content))], 1)  # [I, Mi]
+        h_i, alpha_i = self.side(self.item_adj, E_i, self.item_att, mask)
         return h_u, h_i, E_u, E_i, alpha_u, alpha_i
 
 # -----------------------------------------------------------------------------
@@ -308,18 +334,22 @@ class MMCPR(nn.Module):
 
 def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=100, batch=8192,
              align_batch=1024, lr=1e-2, neg=8, tau=0.2, lambda_align=0.01, l2=1e-3, fusion='attention',
-             modality_dropout=0.0, user_graph=True, item_graph=True, align=True, standardize=True, device='cpu', seed=0,
-             log=print):
+             modality_dropout=0.0, id_dropout=0.0, user_graph=True, item_graph=True, align=True, standardize=True,
+             device='cpu', seed=0, log=print):
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content
     features {name: [I, f]} and optional user review features [U, f]. Returns a dict of
-    user_emb [U, d], item_emb [I, d] (fused h after training), modality_weights, graph_seconds,
-    epoch_seconds, losses (per epoch {'bce', 'align', 'total'} means) and notes."""
+    user_emb [U, d], item_emb [I, d] (fused h after training), item_content_emb [I, d] (h_i
+    with every ID modality masked: what content alone gives), modality_weights, graph_seconds,
+    epoch_seconds, losses (per epoch {'bce', 'align', 'total'} means) and notes.
+
+    An item without a training pair (a new item) has no edge and no trained ID: its ID modality
+    is masked, it is never a sampled negative, and its features do not enter the standardisation.
+    id_dropout: DropoutNet's, each training step masks each item's ID modality with this
+    probability, so that the BCE also trains h_i from content alone."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     R = (sp.csr_matrix(R) != 0).astype(np.float32)
     n_users, n_items = R.shape
-    if (np.diff(R.indptr) >= n_items).any():
-        raise ValueError('a user interacted with every item: no negatives to sample')
     notes = []
     if user_feat is None:
         notes.append('no review features: user side is graph-only')
@@ -345,10 +375,14 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     log(f'graphs: {(A_user.nnz - n_users) // 2} user edges, {(A_item.nnz - n_items) // 2} item edges, '
         f'{graph_seconds:.2f}s')
 
-    feats = {name: prepare(f, standardize) for name, f in item_feats.items()}
+    has_id = np.diff(R.tocsc().indptr) > 0                             # [I] items with a training pair
+    pool = None if has_id.all() else np.flatnonzero(has_id)            # the negatives' items
+    if (np.diff(R.indptr) >= has_id.sum()).any():
+        raise ValueError('a user interacted with every item: no negatives to sample')
+    feats = {name: prepare(f, standardize, np.flatnonzero(has_id)) for name, f in item_feats.items()}
     review = None if user_feat is None else prepare(user_feat, standardize)
     model = MMCPR(n_users, n_items, to_torch_sparse(A_user, device), to_torch_sparse(A_item, device),
-                  feats, review, dim, layers, fusion, modality_dropout).to(device)
+                  feats, review, dim, layers, fusion, modality_dropout, torch.from_numpy(has_id)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     users, items = R.nonzero()                                         # training pairs
     keys = np.sort(users.astype(np.int64) * n_items + items)
@@ -360,9 +394,9 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         total = np.zeros(3)                                            # bce, align, total
         for s in range(0, len(perm), batch):
             idx = perm[s:s + batch]
-            j = sample_negatives(keys, users[idx], n_items, neg, rng)  # [B, neg]
+            j = sample_negatives(keys, users[idx], n_items, neg, rng, pool)  # [B, neg]
             u, i, j = (torch.from_numpy(x.astype(np.int64)).to(device) for x in (users[idx], items[idx], j))
-            h_u, h_i, E_u, E_i, _, _ = model()
+            h_u, h_i, E_u, E_i, _, _ = model(id_dropout)
             z = dict(zip(model.content, E_i[:, 1:].unbind(1)))         # item content projections [I, d]
             # Row look-ups of [N, d] tables go through F.embedding (= h_u[u]): its backward is
             # faster than indexing's.
@@ -384,9 +418,11 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
 
     with torch.no_grad():                                              # eval mode: no modality dropout
         h_u, h_i, _, _, alpha_u, alpha_i = model.eval()()
+        h_c = model(content_only=True)[1]
     return {
         'user_emb': h_u.cpu().numpy().astype(np.float32),
         'item_emb': h_i.cpu().numpy().astype(np.float32),
+        'item_content_emb': h_c.cpu().numpy().astype(np.float32),
         'modality_weights': {'user': dict(zip(model.user_modalities, alpha_u.mean(0).tolist())),
                              'item': dict(zip(model.item_modalities, alpha_i.mean(0).tolist()))},
         'graph_seconds': graph_seconds,

@@ -25,21 +25,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def sample_negatives(users, pos_keys, n_items, rng):
-    """One uniform item per entry of `users` that the user has not trained on.
+def sample_negatives(users, pos_keys, n_items, rng, pool=None):
+    """One uniform item per entry of `users`, from `pool` (int64 item ids; default all
+    items), that the user has not trained on. A new item is left out of the pool: it is
+    unknown to the user, not disliked.
 
     pos_keys: sorted int64 keys user * n_items + item of the training pairs.
     Collisions are redrawn in rounds (a handful for sparse data), never a loop
     over users.
     """
     users = np.asarray(users, np.int64)  # int32 ids would overflow user * n_items
-    neg = rng.integers(0, n_items, len(users))
+    draw = (lambda n: rng.integers(0, n_items, n)) if pool is None else (lambda n: pool[rng.integers(0, len(pool), n)])
+    neg = draw(len(users))
     bad = np.arange(len(users) if len(pos_keys) else 0)
     while len(bad):
         keys = users[bad] * n_items + neg[bad]
         pos = np.searchsorted(pos_keys, keys).clip(max=len(pos_keys) - 1)
         bad = bad[pos_keys[pos] == keys]
-        neg[bad] = rng.integers(0, n_items, len(bad))
+        neg[bad] = draw(len(bad))
     return neg
 
 
@@ -50,20 +53,31 @@ class Evaluator:
     min(#relevant, K), Precision@K = hits / K, Hit@K = [hits > 0], each averaged
     over the users that have relevant items in the split.
 
+    candidates (int64 item ids, default all): the items ranked, e.g. the warm
+    items, or the new items of the cold-start task; every held-out item must be
+    one of them.
+
     Instead of a top-K list per user we compute the rank of each held-out pair
-    (u, i): the number of items u has not trained on that score at least as
+    (u, i): the number of candidates u has not trained on that score at least as
     high as i. This gives the metrics of a torch.topk ranking (up to exact
     float ties, which count against the item, so collapsed embeddings score
     nothing) with one matmul and one comparison pass per batch of pairs.
     """
 
-    def __init__(self, n_items, train, target, ks=(10, 20, 50), batch=4096, device="cpu"):
+    def __init__(self, n_items, train, target, ks=(10, 20, 50), batch=4096, device="cpu", candidates=None):
         self.ks, self.device = tuple(ks), torch.device(device)
+        col = np.arange(n_items)  # item id -> column of the score matrix, -1 if not ranked
+        if candidates is not None:
+            col = np.full(n_items, -1)
+            col[candidates] = np.arange(len(candidates))
         users, items = (np.asarray(a, np.int64)[np.lexsort(target[::-1])] for a in target)  # held-out pairs by user
+        if (col[items] < 0).any():
+            raise ValueError("Evaluator: a held-out item is not among the candidates")
+        items = col[items]
         ids, self.pair_user, n_rel = np.unique(users, return_inverse=True, return_counts=True)
         self.n_eval = len(ids)
         t = np.lexsort(train[::-1])  # training items of user u: tr_items[tr_ptr[u]:tr_ptr[u + 1]]
-        tr_items = np.asarray(train[1], np.int64)[t]
+        tr_items = col[np.asarray(train[1], np.int64)[t]]
         tr_ptr = np.searchsorted(np.asarray(train[0])[t], np.arange(max(train[0].max(), users.max()) + 2))
         T = lambda x: torch.as_tensor(x, device=self.device)
         self.batches = []
@@ -72,10 +86,12 @@ class Evaluator:
             deg = tr_ptr[u + 1] - tr_ptr[u]
             mask_rows = np.repeat(np.arange(len(u)), deg)  # (row, item) of every training item to mask
             mask_cols = tr_items[np.arange(deg.sum()) - np.repeat(np.cumsum(deg) - deg - tr_ptr[u], deg)]
+            mask_rows, mask_cols = mask_rows[mask_cols >= 0], mask_cols[mask_cols >= 0]  # trained items ranked here
             self.batches.append((T(u), T(items[lo:lo + batch]), T(mask_rows), T(mask_cols),
                                  T(self.pair_user[lo:lo + batch]), T(n_rel[self.pair_user[lo:lo + batch]])))
         disc = 1.0 / torch.log2(torch.arange(max(self.ks), device=self.device) + 2.0)
         self.idcg = torch.cumsum(disc, 0)  # idcg[n-1] = ideal DCG of n relevant items
+        self.candidates = None if candidates is None else torch.as_tensor(candidates, device=self.device)
 
     @torch.no_grad()
     def evaluate(self, user_emb, item_emb):
@@ -87,6 +103,8 @@ class Evaluator:
         multiply to half float32's largest value guarantee that (the half a margin
         for rounding), at the cost of one pass over the embeddings instead of over
         the [users, items] scores."""
+        if self.candidates is not None:
+            item_emb = item_emb[self.candidates]  # [n_candidates, d]
         norm = lambda e: torch.linalg.vector_norm(e.double(), dim=1).max()
         if not (torch.isfinite(user_emb).all() and torch.isfinite(item_emb).all()
                 and norm(user_emb) * norm(item_emb) < torch.finfo(torch.float32).max / 2):
@@ -225,6 +243,49 @@ def fit_scale(net, node):
     return float(np.exp((lo + hi) / 4))  # s = sqrt(q)
 
 
+def content_matrix(feats, fit_items):
+    """Item content {modality: [n_items, f]} -> X [n_items, F + 1]: each modality z-scored per
+    dimension on the fit items (the catalogue known at training time, so a new item's features
+    change nothing fitted), each row L2-normalised within the modality so that no modality
+    outweighs another by its width, concatenated, then a constant 1 (the head's bias)."""
+    blocks = []
+    for x in feats.values():
+        x = torch.as_tensor(np.asarray(x, np.float32), dtype=torch.float64)
+        mu, sd = x[fit_items].mean(0), x[fit_items].std(0, correction=0)
+        z = (x - mu) / (sd + 1e-6)
+        blocks.append(F.normalize(z, dim=1))
+    return torch.cat(blocks + [torch.ones(len(blocks[0]), 1, dtype=torch.float64)], 1)
+
+
+RIDGE = tuple(10.0 ** np.arange(-2, 3.01, 0.5))  # the content head's strengths, chosen on cold-valid
+
+
+def fit_content_head(X, item_emb, fit_items, user_emb, evaluator, ridge=RIDGE, log=print):
+    """Serve new items: a linear head from content to the trained item embeddings.
+
+    A new item has no pair, so no trained embedding; its content is all there is. On the
+    items with training pairs, W = argmin |X W - E|² + ridge |W|² maps content X [n_items, F]
+    to the final item embeddings E [n_items, d] that score against user_emb, and a new item
+    scores as user_emb . (x_i W), the users unchanged (DeepMusic's regression, into the
+    fine-tuned space). One eigendecomposition of XᵀX serves every strength; the one with the
+    best Recall@20 on `evaluator` (cold-valid: new items, never test) is kept.
+    Returns (X W [n_items, d] float32, the kept strength, {strength: valid Recall@20})."""
+    device = user_emb.device
+    X, E = X.to(device), torch.as_tensor(item_emb, device=device, dtype=torch.float64)
+    fit = torch.as_tensor(fit_items, device=device)
+    e, Q = torch.linalg.eigh(X[fit].T @ X[fit])  # XᵀX = Q diag(e) Qᵀ
+    XQ, QtXtE = X @ Q, Q.T @ (X[fit].T @ E[fit])  # [n_items, F], [F, d]
+    grid, best = {}, None
+    for lam in ridge:
+        pred = (XQ @ (QtXtE / (e + lam)[:, None])).float()  # X (XᵀX + λI)⁻¹ XᵀE
+        grid[lam] = evaluator.evaluate(user_emb, pred)["recall@20"]
+        if best is None or grid[lam] > grid[best[0]]:
+            best = (lam, pred)
+    log("content head for new items, cold-valid recall@20 by ridge strength: "
+        + ", ".join(f"{lam:g}: {r:.4f}" for lam, r in grid.items()) + f"; kept {best[0]:g}")
+    return best[1], best[0], grid
+
+
 # Defaults: Amazon Baby's L2, chosen on its valid split for the baseline and for fine-tuning
 # alike; the README lists each dataset's (TikTok: 3e-2 for both models, movielens: 1e-3 for
 # MF, 1e-4 for LightGCN). Depth 2 was best on valid for LightGCN fine-tuning MMCPR's start on
@@ -237,7 +298,7 @@ PATIENCE = 100
 
 def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None, dim=64, lr=None, l2=None,
           batch=2048, epochs=1000, patience=PATIENCE, ks=(10, 20, 50), user_init=None, item_init=None,
-          rescale=True, device="cpu", seed=0, log=print):
+          rescale=True, items=None, device="cpu", seed=0, log=print):
     """Train MF-BPR or LightGCN-BPR, select the epoch on valid Recall@20, report test there.
 
     Each epoch draws one uniform negative per training pair; the loss of a batch
@@ -245,7 +306,9 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     on their layer-0 embeddings. Handed-over initial embeddings are first
     rescaled by fit_scale (rescale=True). Epoch 0 is the initial embeddings
     themselves, so fine-tuning is kept only if it beats them on valid.
-    Training stops `patience` epochs after the best.
+    Training stops `patience` epochs after the best. items (int64 ids, default
+    all): the catalogue known at training time, the only items drawn as
+    negatives and ranked; new items (the cold-start split) are left out.
     Returns dict(best_epoch, valid, test, scale (of the start, or None),
     user_emb, item_emb (the final embeddings that scored), epoch_seconds,
     eval_seconds, history).
@@ -259,9 +322,10 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     device = torch.device(device)
     if user_init is not None:
         dim = user_init.shape[1]
+    pool = None if items is None else np.asarray(items, np.int64)
     users, items = (np.asarray(a, np.int64) for a in train_pairs)
     pos_keys = np.unique(users * n_items + items)  # sorted, duplicates once
-    if np.bincount(pos_keys // n_items).max() >= n_items:
+    if np.bincount(pos_keys // n_items).max() >= (n_items if pool is None else len(pool)):
         raise ValueError("a user has trained on every item: no negative to sample")
     if model == "mf":
         net = MF(n_users, n_items, dim, user_init, item_init).to(device)
@@ -270,11 +334,10 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         net = LightGCN(n_users, n_items, adj, layers, dim, user_init, item_init).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)  # fused: one kernel for the whole update
     users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
-    ev_valid = Evaluator(n_items, (users, items), valid, ks, device=device)
-    ev_test = Evaluator(n_items, (users, items), test, ks, device=device)
+    ev_valid, ev_test = (Evaluator(n_items, (users, items), s, ks, device=device, candidates=pool) for s in (valid, test))
     scale = None
     if rescale and user_init is not None:
-        negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, np.random.default_rng(seed)), device=device)
+        negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, np.random.default_rng(seed), pool), device=device)
         scale = fit_scale(net, torch.stack([users_t, items_t + n_users, negs + n_users]))
         with torch.no_grad():
             net.ego.mul_(scale)
@@ -295,7 +358,7 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     for epoch in range(1, epochs + 1):
         t = time.perf_counter()
         perm = torch.as_tensor(rng.permutation(len(users)), device=device)
-        negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, rng), device=device)
+        negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, rng, pool), device=device)
         total = torch.zeros((), device=device)
         for idx in perm.split(batch):
             node = torch.stack([users_t[idx], items_t[idx] + n_users, negs[idx] + n_users])  # [3, B]

@@ -37,6 +37,9 @@ def parse_args(argv=None):
     a("--out", help="output folder (default runs/<dataset>-<model>-s<seed>-<digest of the settings>; "
                     "the demo: OUT/<that name>)")
     a("--topk", default="10,20,50", help="comma-separated cut-offs K")
+    a("--cold-items", type=float, default=0.0,
+      help="item cold start: this fraction of the items (drawn by --split-seed) is new, their pairs out of "
+           "training; half are ranked for cold-valid, half for cold-test (default 0: off)")
     g = p.add_argument_group("the recommender (a baseline, or MMCPR's fine-tuning)")
     g.add_argument("--recommender", choices=("mf", "lightgcn"), default="lightgcn",
                    help="the downstream model that fine-tunes MMCPR's representations")
@@ -67,6 +70,9 @@ def parse_args(argv=None):
     g.add_argument("--fusion", choices=("attention", "mean"), default="attention")
     g.add_argument("--modality-dropout", type=float, default=0.0,
                    help="pre-training: per node, each modality but one drawn at random is masked in the attention with this probability")
+    g.add_argument("--id-dropout", type=float, default=0.0,
+                   help="pre-training: each step masks each item's ID modality with this probability, so that "
+                        "content alone learns to stand in for it (DropoutNet)")
     g.add_argument("--modalities", help="item content modalities to use, e.g. image,audio; 'none': graph only "
                                         "(default: all)")
     g.add_argument("--no-align", action="store_true", help="drop the contrastive alignment loss")
@@ -76,7 +82,7 @@ def parse_args(argv=None):
     g.add_argument("--no-standardize", action="store_true", help="feed content features raw, not z-scored per dimension")
     g = p.add_argument_group("raw data to features")
     g.add_argument("--kcore", type=int, default=0, help="k-core filter when converting raw data")
-    g.add_argument("--split-seed", type=int, default=0, help="orders a user's interactions only where times are missing")
+    g.add_argument("--split-seed", type=int, default=0, help="draws the new items of --cold-items; orders a user's interactions only where times are missing")
     g.add_argument("--text-encoder", help="local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)")
     g.add_argument("--image-encoder", help="local Hugging Face vision model folder")
     g.add_argument("--precision", choices=("auto", "float32", "bf16"), default="auto",
@@ -101,6 +107,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 0")
     if not 0 <= args.modality_dropout < 1:
         p.error("--modality-dropout must be in [0, 1)")
+    if not 0 <= args.id_dropout < 1:
+        p.error("--id-dropout must be in [0, 1)")
+    if not 0 <= args.cold_items < 1:
+        p.error("--cold-items must be in [0, 1)")
     if args.tau < 0.025:
         p.error("--tau must be at least 0.025 (below, float32 exp underflows in the InfoNCE)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -137,6 +147,30 @@ def write_atomic(folder, outputs):
                 os.unlink(tmp)
 
 
+def cold_start(args, data, model, item_feats, res, timings):
+    """The item cold-start task: rank the new items of cold-valid and cold-test by their content
+    alone, through recommender.fit_content_head into the trained model's space (MMCPR only).
+    Returns metrics.json's "cold" entry."""
+    c = data["cold"]
+    out = dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None, test=None,
+               ridge=None, ridge_grid=None, note=None)
+    if model != "mmcpr" or not item_feats:
+        out["note"] = (f"{model} alone cannot rank an item without pairs" if model != "mmcpr"
+                       else "no item content modality: a new item has nothing to be ranked by")
+        return out
+    t = time.perf_counter()
+    ev = {s: recommender.Evaluator(data["n_items"], data["train"], c[s], args.topk, device=args.device,
+                                   candidates=c[f"{s}_items"]) for s in ("valid", "test")}
+    fit_items = np.unique(data["train"][1])  # the items with a trained embedding
+    user_emb = torch.as_tensor(res["user_emb"], device=args.device)
+    X = recommender.content_matrix(item_feats, fit_items)
+    pred, out["ridge"], grid = recommender.fit_content_head(X, res["item_emb"], fit_items, user_emb, ev["valid"])
+    out["ridge_grid"] = {f"{lam:g}": r for lam, r in grid.items()}
+    out["valid"], out["test"] = (ev[s].evaluate(user_emb, pred) for s in ("valid", "test"))
+    timings["cold"] = time.perf_counter() - t
+    return out
+
+
 def run(args, data, model, load_seconds, out):
     """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; writes
     metrics.json (and, for mmcpr, the pre-trained user_emb.npy and item_emb.npy) into `out`
@@ -152,6 +186,8 @@ def run(args, data, model, load_seconds, out):
                                      f"(has: {', '.join(item_feats) or 'none'})")
         item_feats = {m: item_feats[m] for m in wanted}
     downstream = args.recommender if model == "mmcpr" else model
+    c = data["cold"]  # the new items are no negatives and are not ranked in the warm task
+    warm = None if c is None else np.setdiff1d(np.arange(data["n_items"]), np.r_[c["valid_items"], c["test_items"]])
 
     init, pre = {}, {}
     if model == "mmcpr":
@@ -162,7 +198,7 @@ def run(args, data, model, load_seconds, out):
                              epochs=args.pretrain_epochs, batch=args.pretrain_batch,
                              align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
                              tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
-                             modality_dropout=args.modality_dropout,
+                             modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
                              user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
                              align=not args.no_align, standardize=not args.no_standardize,
                              device=args.device, seed=args.seed, log=print)
@@ -181,12 +217,13 @@ def run(args, data, model, load_seconds, out):
         res = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
                                 model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=args.l2,
                                 batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
-                                rescale=not args.no_rescale,
+                                rescale=not args.no_rescale, items=warm,
                                 device=args.device, seed=args.seed, log=print, **init)
     except FloatingPointError as e:
         raise FloatingPointError(f"{downstream} {e} (try a lower --lr)") from None
     timings["eval"] = sum(res["eval_seconds"])
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
+    cold = data["cold"] and cold_start(args, data, model, item_feats, res, timings)
     timings["total"] = load_seconds + time.perf_counter() - t0
 
     metrics = dict(
@@ -200,7 +237,7 @@ def run(args, data, model, load_seconds, out):
         **{f"n_{s}": len(data[s][0]) for s in ("train", "valid", "test")}, n_cold_users=data["n_cold"],
         modalities={side: list(w) for side, w in pre.get("modality_weights", dict(user={}, item={})).items()},
         modality_weights=pre.get("modality_weights"), notes=pre.get("notes", []),
-        history=res["history"], args=vars(args) | dict(model=model),
+        cold=cold, history=res["history"], args=vars(args) | dict(model=model),
     )
     os.makedirs(out, exist_ok=True)
     outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode())}
@@ -213,9 +250,13 @@ def run(args, data, model, load_seconds, out):
     ks = args.topk
     print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
           + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s, metrics in {out}/")
-    print("split  " + "".join(f"{m}@{k}".rjust(14) for k in ks for m in ("recall", "ndcg")))
+    print("split".ljust(10) + "".join(f"{m}@{k}".rjust(14) for k in ks for m in ("recall", "ndcg")))
     for s in ("valid", "test"):
-        print(s.ljust(7) + "".join(f"{metrics[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
+        print(s.ljust(10) + "".join(f"{metrics[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
+    for s in ("valid", "test") if cold and cold["test"] else ():
+        print(f"cold-{s}".ljust(10) + "".join(f"{cold[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
+    if cold and cold["note"]:
+        print(f"new items: {cold['note']}")
     return metrics
 
 
@@ -234,7 +275,7 @@ def main(argv=None):
                                               text_encoder=args.text_encoder, image_encoder=args.image_encoder,
                                               device=args.device, precision=args.precision,
                                               rebuild=args.rebuild_features, log=print) or {}
-        data = features.load_mmrec(folder)
+        data = features.load_mmrec(folder, cold_items=args.cold_items, split_seed=args.split_seed)
         data["encode_seconds"] = conversion.get("encode_seconds", {})
         load_seconds = time.perf_counter() - t
     except (features.DataError, ImportError, FileNotFoundError, PermissionError) as e:

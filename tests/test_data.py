@@ -100,3 +100,47 @@ def test_bad_feature_files(tmp_path, name, array, message):
     np.save(tmp_path / name, array)
     with pytest.raises(features.DataError, match=message):
         load(tmp_path)
+
+
+def random_rows(n_users=30, n_items=20, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        items = rng.choice(n_items, 6, replace=False)
+        rows += [(u, int(i), s) for i, s in zip(items, (0, 0, 0, 0, 1, 2))]
+    return rows
+
+
+@pytest.mark.parametrize("frac", [0.2, 0.35])
+def test_cold_split_follows_the_protocol(tmp_path, frac):
+    rows = random_rows()
+    write(tmp_path, rows)
+    np.save(tmp_path / "image_feat.npy", np.arange(40, dtype=np.float32).reshape(20, 2))
+    d = features.load_mmrec(str(tmp_path), cold_items=frac, split_seed=3, log=lambda s: None)
+    order = np.random.default_rng(3).permutation(np.unique([i for _, i, _ in rows]))
+    c = round(frac * len(order))
+    np.testing.assert_array_equal(d["cold"]["valid_items"], np.sort(order[:c // 2]))
+    np.testing.assert_array_equal(d["cold"]["test_items"], np.sort(order[c // 2:c]))
+    new = set(order[:c].tolist())
+    for s in ("train", "valid", "test"):  # no pair of a new item is left in the warm task
+        assert not new & set(d[s][1].tolist())
+    has_train = set(d["train"][0].tolist())
+    for s in ("valid", "test"):  # every pair of a cold item, whatever its x_label, of a user with a training pair
+        want = sorted((u, i) for u, i, _ in rows if i in d["cold"][f"{s}_items"] and u in has_train)
+        assert sorted(zip(*map(np.ndarray.tolist, d["cold"][s]))) == want
+    warm = sorted((u, i, x) for u, i, x in rows if i not in new)
+    got = sorted((u, i, x) for x, s in enumerate(("train", "valid", "test")) for u, i in zip(*d[s]))
+    assert got == [r for r in warm if r[0] in has_train]
+    assert d["item_feats"]["image"].shape == (20, 2)  # new items keep their content
+
+
+def test_cold_split_depends_on_split_seed_alone(tmp_path):
+    write(tmp_path, random_rows())
+    load_ = lambda seed: features.load_mmrec(str(tmp_path), cold_items=0.3, split_seed=seed, log=lambda s: None)["cold"]
+    a, b, c = load_(0), load_(0), load_(1)
+    for k in ("valid_items", "test_items"):
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["test_items"], c["test_items"])
+    assert features.load_mmrec(str(tmp_path), log=lambda s: None)["cold"] is None
+    with pytest.raises(features.DataError, match="cold_items"):
+        features.load_mmrec(str(tmp_path), cold_items=1.0, log=lambda s: None)

@@ -225,6 +225,41 @@ def test_modality_dropout_masks_about_the_given_share():
     assert abs((alpha == 0).float().mean().item() - 0.2) < 0.01
 
 
+def small_model(has_id, fusion='attention', n_users=6):
+    n_items = len(has_id)
+    torch.manual_seed(0)
+    feats = {'text': torch.randn(n_items, 5), 'image': torch.randn(n_items, 7)}
+    eye = lambda n: torch.eye(n).to_sparse_csr()
+    return mmcpr.MMCPR(n_users, n_items, eye(n_users), eye(n_items), feats, None, dim=4, layers=2, fusion=fusion,
+                       has_id=torch.as_tensor(has_id))
+
+
+@pytest.mark.parametrize('fusion', ['attention', 'mean'])
+def test_a_new_item_is_built_from_its_content_alone(fusion):
+    has_id = np.array([True, False, True, False, True])
+    model = small_model(has_id, fusion).eval()
+    with torch.no_grad():
+        h, alpha = model()[1], model()[5]
+        assert (alpha[~has_id, 0] == 0).all() and (alpha[has_id, 0] > 0).all()
+        assert torch.allclose(alpha.sum(1), torch.ones(5))
+        content = model(content_only=True)[1]
+        assert torch.equal(h[~has_id], content[~has_id]) and not torch.allclose(h[has_id], content[has_id])
+        model.item_id.weight.mul_(100)                        # no ID embedding reaches a new item
+        assert torch.equal(model()[1][~has_id], h[~has_id])
+
+
+def test_id_dropout_masks_the_id_modality_at_the_given_rate():
+    has_id = np.arange(20000) % 4 != 0                       # a quarter are new items, masked always
+    model = small_model(has_id).train()
+    torch.manual_seed(1)
+    alpha = model(id_dropout=0.4)[5]
+    masked = alpha[:, 0] == 0
+    assert masked[~has_id].all()
+    assert abs(masked[has_id].float().mean().item() - 0.4) < 0.015
+    assert (alpha[:, 1:] > 0).all()                          # content is never dropped
+    assert not (model(id_dropout=0.0)[5][has_id, 0] == 0).any()
+
+
 # ---------------------------------------------------------------------------- losses and sampler
 
 @FAST
@@ -432,7 +467,7 @@ def tiny(seed=0, n_users=30, n_items=25, mods=('text', 'image'), review=True):
     return R, feats, user_feat
 
 
-KEYS = {'user_emb', 'item_emb', 'modality_weights', 'graph_seconds', 'epoch_seconds', 'losses', 'notes'}
+KEYS = {'user_emb', 'item_emb', 'item_content_emb', 'modality_weights', 'graph_seconds', 'epoch_seconds', 'losses', 'notes'}
 
 
 def test_pretrain_is_deterministic_and_returns_documented_keys():
@@ -473,14 +508,11 @@ def test_pretrain_loss_decreases():
 
 
 def test_alignment_negatives_are_the_distinct_items_of_the_batch():
-    # every training pair has item 0: one distinct item per batch, so InfoNCE has no negatives and is 0
+    # a batch whose positives are all item 0: one distinct item, so InfoNCE has no negatives and is 0
     # (with duplicates kept it would be log(batch), contrasting item 0 with itself)
-    R = sp.lil_matrix((10, 5), dtype=np.float32)
-    R[:, 0] = 1
-    R = R.tocsr()
     _, feats, _ = tiny(4, n_items=5)
-    out = mmcpr.pretrain(R, feats, None, dim=8, knn=3, epochs=2, batch=4, log=lambda s: None)
-    assert all(abs(l['align']) < 1e-5 for l in out['losses'])
+    z = {m: mmcpr.projector(f.shape[1], 8)(mmcpr.prepare(f)) for m, f in feats.items()}
+    assert abs(mmcpr.alignment_loss(z, torch.zeros(16, dtype=torch.long), 0.2, 4).item()) < 1e-5
 
 
 @pytest.mark.parametrize('mods, review, expect', [

@@ -66,6 +66,38 @@ def test_metrics_hand_computed():
     assert m["ndcg@4"] == pytest.approx(((1 / l3 + 1 / l5) / (1 / l2 + 1 / l3) + (1 / l5) / 1) / 2)
 
 
+def test_metrics_over_candidates_hand_computed():
+    # The cold-start task ranks the new items only. Items 0..5 score 6,5,4,3,2,1 for user 0;
+    # ranked over candidates 1, 2, 4, 5, item 0 (the best) is not among them, and item 2 is masked.
+    item_emb = torch.tensor([[6.0], [5.0], [4.0], [3.0], [2.0], [1.0]])
+    user_emb = torch.tensor([[1.0], [-1.0]])
+    train = (np.array([0, 1]), np.array([2, 3]))  # user 1 trained on item 3, which is not ranked
+    target = (np.array([0, 0, 1]), np.array([4, 5, 1]))
+    m = rec.Evaluator(6, train, target, ks=(1, 2), candidates=np.array([1, 2, 4, 5])).evaluate(user_emb, item_emb)
+    # user 0 ranks 1, 4, 5 (2 masked): relevant 4 at rank 1, 5 at rank 2; user 1 ranks 5, 4, 2, 1: 1 at rank 3.
+    assert m["recall@1"] == pytest.approx(0.0)
+    assert m["recall@2"] == pytest.approx((1 / 2 + 0) / 2)
+    assert m["hit@2"] == pytest.approx(1 / 2)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)) / 2)
+    full = rec.Evaluator(6, train, target, ks=(2,)).evaluate(user_emb, item_emb)  # item 0 first, then 1, 3
+    assert full["recall@2"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="not among the candidates"):
+        rec.Evaluator(6, train, target, candidates=np.array([1, 2, 5]))
+
+
+@SETTINGS
+@given(split_data(), st.integers(0, 2**31 - 1))
+def test_evaluator_over_candidates_matches_the_reference_on_the_submatrix(data, seed):
+    n_users, n_items, train, target, U, V = data
+    keep = np.sort(np.unique(np.concatenate([target[1], np.random.default_rng(seed).choice(n_items, n_items // 2)])))
+    col = np.full(n_items, -1)
+    col[keep] = np.arange(len(keep))
+    tr = col[train[1]] >= 0
+    want = reference_metrics(U, V[keep], (train[0][tr], col[train[1][tr]]), (target[0], col[target[1]]), (1, 3))
+    got = rec.Evaluator(n_items, train, target, ks=(1, 3), candidates=keep).evaluate(torch.tensor(U), torch.tensor(V))
+    assert got == pytest.approx(want)
+
+
 @SETTINGS
 @given(split_data(), st.sampled_from([(1,), (1, 3), (2, 5, 50)]), st.integers(1, 5))
 def test_evaluator_matches_reference_and_is_bounded(data, ks, batch):
@@ -371,3 +403,42 @@ def test_l2_acts_on_the_batch_layer0_embeddings(model):
     neg = rec.sample_negatives(users, keys, n_items, perm_rng)
     sq = (ue[users] ** 2).sum(1) + (ie[items] ** 2).sum(1) + (ie[neg] ** 2).sum(1)
     assert with_l2 - base == pytest.approx(0.5 * sq.mean(), rel=1e-4)
+
+
+@pytest.mark.parametrize("model", ["mf", "lightgcn"])
+def test_items_outside_the_catalogue_are_never_negatives_nor_ranked(model):
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 65
+    pool = np.arange(60)  # items 60..64 are new: no pair, not in the pool
+    group = np.arange(n_users) % 2  # group 0 likes items 0..29, group 1 items 30..59: train on 10, hold out 5
+    liked = np.stack([rng.permutation(30) + 30 * g for g in group])
+    train = (np.repeat(np.arange(n_users), 10), liked[:, :10].ravel())
+    target = (np.repeat(np.arange(n_users), 5), liked[:, 10:15].ravel())
+    init = rng.standard_normal((n_items, 8)).astype(np.float32)
+    r = rec.train(n_users, n_items, train, target, target, model=model, epochs=5, patience=10, lr=3e-2, items=pool,
+                  user_init=rng.standard_normal((n_users, 8)).astype(np.float32), item_init=init, rescale=False,
+                  log=lambda s: None)
+    assert r["best_epoch"] > 0
+    scale = 1 if model == "mf" else 1 / 3  # a LightGCN item without edges: its layer 0 averaged with zeros
+    np.testing.assert_allclose(r["item_emb"][60:], init[60:] * scale, rtol=1e-6)  # no gradient ever reached them
+    keys = np.unique(train[0] * n_items + train[1])
+    negs = rec.sample_negatives(np.repeat(np.arange(n_users), 50), keys, n_items, rng, pool)
+    assert np.isin(negs, pool).all()
+
+
+def test_content_head_recovers_a_linear_map_and_keeps_the_valid_best_strength():
+    rng = np.random.default_rng(0)
+    n_items, d = 60, 4
+    feats = {"text": rng.standard_normal((n_items, 6)), "image": rng.standard_normal((n_items, 3))}
+    fit = np.arange(40)  # items 40..59 are new
+    X = rec.content_matrix(feats, fit)
+    assert X.shape == (n_items, 10) and torch.all(X[:, -1] == 1)
+    assert torch.allclose(X[:, :6].norm(dim=1), torch.ones(n_items, dtype=X.dtype))
+    assert torch.allclose(X[fit, :6].mean(0) * 0, torch.zeros(6, dtype=X.dtype))
+    E = (X @ torch.as_tensor(rng.standard_normal((10, d)))).float().numpy()  # embeddings that content explains
+    users = torch.as_tensor(rng.standard_normal((30, d)), dtype=torch.float32)
+    target = (np.arange(30), rng.choice(np.arange(40, 60), 30))
+    ev = rec.Evaluator(n_items, (np.arange(30), rng.choice(fit, 30)), target, ks=(5, 20), candidates=np.arange(40, 60))
+    pred, lam, grid = rec.fit_content_head(X, E, fit, users, ev, ridge=(1e-8, 1e3), log=lambda s: None)
+    np.testing.assert_allclose(pred[40:].numpy(), E[40:], atol=1e-3)  # new items, from their content alone
+    assert lam == max(grid, key=grid.get) and grid[1e-8] >= grid[1e3]

@@ -240,3 +240,69 @@ def test_demo_runs_the_three_models_side_by_side(tmp_path, monkeypatch, capsys):
     runs = sorted(p.name.split("-s3-")[0] for p in out.iterdir() if p.name != "demo-data-3")
     assert runs == ["toy-lightgcn", "toy-mf", "toy-mmcpr+lightgcn"]
     assert "demo (synthetic data), test split" in capsys.readouterr().out
+
+
+def cold_variant(src, dst, cold_items, seed):
+    """A copy of dataset src whose new items' pairs are rewritten (other users, other x_labels) and
+    whose new items' features are redrawn; every new item keeps a pair, so the split is the same."""
+    dst.mkdir()
+    rng = np.random.default_rng(seed)
+    lines = (src / "toy.inter").read_text().splitlines()
+    rows = [line.split("\t") for line in lines[1:]]
+    keep = [r for r in rows if int(r[1]) not in cold_items]
+    users = sorted({int(r[0]) for r in keep})
+    new = {(int(u), int(i)) for u, i in zip(rng.choice(users, 3 * len(cold_items)), np.repeat(cold_items, 3))}
+    new -= {(int(r[0]), int(r[1])) for r in keep}
+    rows = keep + [[str(u), str(i), "5", str(rng.integers(3))] for u, i in sorted(new)]
+    (dst / "toy.inter").write_text("\n".join([lines[0]] + ["\t".join(r) for r in rows]) + "\n")
+    for f in ("image_feat.npy", "audio_feat.npy"):
+        x = np.load(src / f).astype(np.float32)
+        x[cold_items] = rng.standard_normal((len(cold_items), x.shape[1])) * 5
+        np.save(dst / f, x)
+    np.save(dst / "review_feat.npy", np.load(src / "review_feat.npy"))
+    return dst
+
+
+def test_new_items_pairs_and_features_change_nothing_trained(tmp_path):
+    """Rewrite every pair and the features of the new items: pre-training, fine-tuning and the
+    warm task must not move at all (no graph edge, negative, L2 term or standardisation sees them)."""
+    sys.path.insert(0, str(ROOT))
+    import features
+    a = make_dataset(tmp_path / "a")
+    cold = features.load_mmrec(str(a), cold_items=0.3, split_seed=1, log=lambda s: None)["cold"]
+    cold_items = np.r_[cold["valid_items"], cold["test_items"]]
+    b = cold_variant(a, tmp_path / "b", cold_items, seed=5)
+    out = {}
+    for name, data in (("a", a), ("b", b)):
+        out[name] = tmp_path / f"out-{name}"
+        p = run("--data", data, "--device", "cpu", "--cold-items", "0.3", "--split-seed", "1", "--epochs", "3",
+                "--pretrain-epochs", "3", "--pretrain-batch", "64", "--batch", "64", "--id-dropout", "0.5",
+                "--out", out[name])
+        assert p.returncode == 0, p.stderr
+    ma, mb = (json.loads((out[k] / "metrics.json").read_text()) for k in "ab")
+    assert ma["cold"]["test_items"] == mb["cold"]["test_items"] == cold["test_items"].tolist()
+    assert ma["cold"]["test"] != mb["cold"]["test"]  # the rewritten pairs are what the cold task scores
+    for key in ("valid", "test", "history", "best_epoch", "n_train", "n_valid", "n_test"):
+        assert ma[key] == mb[key], key
+    np.testing.assert_array_equal(np.load(out["a"] / "user_emb.npy"), np.load(out["b"] / "user_emb.npy"))
+    warm = np.setdiff1d(np.arange(40), cold_items)
+    ia, ib = np.load(out["a"] / "item_emb.npy"), np.load(out["b"] / "item_emb.npy")
+    np.testing.assert_array_equal(ia[warm], ib[warm])
+    assert not np.allclose(ia[cold_items], ib[cold_items])  # a new item's h_i is its (new) content's
+
+
+@pytest.mark.parametrize("model", ["mmcpr", "lightgcn"])
+def test_cold_entry_of_metrics(tmp_path, model):
+    data, out = make_dataset(tmp_path / "toy"), tmp_path / "out"
+    p = run("--data", data, "--model", model, "--device", "cpu", "--epochs", "2", "--pretrain-epochs", "1",
+            "--cold-items", "0.25", "--out", out)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((out / "metrics.json").read_text())["cold"]
+    assert len(m["valid_items"]) == 5 and len(m["test_items"]) == 5
+    if model == "lightgcn":
+        assert m["valid"] is m["test"] is None and "cannot rank an item without pairs" in m["note"]
+        assert "cannot rank" in p.stdout
+    else:
+        assert m["note"] is None and m["ridge"] in [float(k) for k in m["ridge_grid"]]
+        assert m["ridge_grid"][f"{m['ridge']:g}"] == max(m["ridge_grid"].values()) == m["valid"]["recall@20"]
+        assert 0 <= m["test"]["recall@20"] <= 1 and "cold-test" in p.stdout
