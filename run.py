@@ -51,8 +51,10 @@ def parse_args(argv=None):
     g.add_argument("--patience", type=int, default=recommender.PATIENCE,
                    help="epochs without a better valid Recall@20")
     g.add_argument("--lr", type=float, help="default: " + ", ".join(f"{m} {t['lr']:g}" for m, t in recommender.TUNED.items()))
-    g.add_argument("--l2", type=float, help="L2 weight on the batch's layer-0 embeddings; default: "
-                   + ", ".join(f"{m} {t['l2']:g}" for m, t in recommender.TUNED.items()))
+    g.add_argument("--l2", help="L2 weight on the batch's layer-0 embeddings: one value, or a comma-separated grid, "
+                                "each value trained and the best on valid kept; default: the grid "
+                                + ",".join(f"{v:g}" for v in recommender.L2_GRID) + " (the demo: "
+                                + ", ".join(f"{m} {t['l2']:g}" for m, t in recommender.TUNED.items()) + ")")
     g.add_argument("--batch", type=int, default=2048, help="training triples per BPR step")
     g.add_argument("--no-rescale", action="store_true",
                    help="fine-tune the pre-trained start at its own scale, not the one that fits BPR")
@@ -97,6 +99,14 @@ def parse_args(argv=None):
         assert all(k > 0 for k in args.topk)
     except (ValueError, AssertionError):
         p.error(f"--topk must be positive integers separated by commas, got {args.topk!r}")
+    if args.l2 is not None:
+        try:
+            args.l2 = tuple(dict.fromkeys(float(v) for v in args.l2.split(",")))  # in order, repeats once
+            assert all(v >= 0 for v in args.l2)
+        except (ValueError, AssertionError):
+            p.error(f"--l2 must be non-negative numbers separated by commas, got {args.l2!r}")
+    elif args.data is not None:  # a new dataset gets the grid; the demo keeps each model's one value
+        args.l2 = recommender.L2_GRID
     if 20 not in args.topk:
         args.topk = tuple(sorted(args.topk + (20,)))  # early stopping reads Recall@20
     for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg", "patience"):
@@ -212,23 +222,36 @@ def run(args, data, model, load_seconds, out):
         for note in pre["notes"]:
             print(f"note: {note}")
 
+    # The L2 grid (MMRec's convention): every value fine-tunes the same start with early stopping,
+    # and the one with the best valid Recall@20 is kept, its test metrics the result. Test is never read to choose.
     t = time.perf_counter()
-    try:
-        res = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
-                                model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=args.l2,
-                                batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
-                                rescale=not args.no_rescale, items=warm,
-                                device=args.device, seed=args.seed, log=print, **init)
-    except FloatingPointError as e:
-        raise FloatingPointError(f"{downstream} {e} (try a lower --lr)") from None
-    timings["eval"] = sum(res["eval_seconds"])
+    l2s, grid, res, eval_seconds = args.l2 or (recommender.TUNED[downstream]["l2"],), [], None, 0.0
+    for k, l2 in enumerate(l2s):
+        if len(l2s) > 1:
+            print(f"--- {downstream} with l2 {l2:g} ({k + 1} of {len(l2s)})")
+        try:
+            r = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
+                                  model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=l2,
+                                  batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
+                                  rescale=not args.no_rescale, items=warm,
+                                  device=args.device, seed=args.seed, log=print, **init)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{downstream} with l2 {l2:g}: {e} (try a lower --lr)") from None
+        grid.append({"l2": l2, "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
+        eval_seconds += sum(r["eval_seconds"])
+        if res is None or r["valid"]["recall@20"] > res["valid"]["recall@20"]:
+            res, kept = r, l2
+    if len(l2s) > 1:
+        print(f"l2 kept: {kept:g}, the best valid recall@20 of the grid ("
+              + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
+    timings["eval"] = eval_seconds
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
     cold = data["cold"] and cold_start(args, data, model, item_feats, res, timings)
     timings["total"] = load_seconds + time.perf_counter() - t0
 
     metrics = dict(
         dataset=data["name"], model=model, recommender=downstream, seed=args.seed, device=args.device,
-        best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], start_scale=res["scale"], timings_s=timings,
+        l2=kept, grid=grid, best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], start_scale=res["scale"], timings_s=timings,
         encode_seconds=data.get("encode_seconds", {}),
         seconds_per_epoch=dict(finetune=float(np.mean(res["epoch_seconds"])) if res["epoch_seconds"] else None,
                                eval=float(np.mean(res["eval_seconds"])),

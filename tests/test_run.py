@@ -306,3 +306,50 @@ def test_cold_entry_of_metrics(tmp_path, model):
         assert m["note"] is None and m["ridge"] in [float(k) for k in m["ridge_grid"]]
         assert m["ridge_grid"][f"{m['ridge']:g}"] == max(m["ridge_grid"].values()) == m["valid"]["recall@20"]
         assert 0 <= m["test"]["recall@20"] <= 1 and "cold-test" in p.stdout
+
+
+def test_l2_grid_keeps_the_valid_best_not_the_test_best(tmp_path, monkeypatch):
+    """Three values whose valid and test orders disagree: the kept one is valid's best."""
+    sys.path.insert(0, str(ROOT))
+    import features
+    import recommender
+    import run as run_module
+
+    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    scores = {1e-3: (0.20, 0.50), 1e-2: (0.30, 0.10), 1e-1: (0.25, 0.40)}  # l2: (valid, test) Recall@20
+    calls = []
+
+    def fake_train(n_users, n_items, *args, l2, **kwargs):
+        calls.append(l2)
+        v, t = scores[l2]
+        return dict(best_epoch=int(l2 * 1000), valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": t, "ndcg@20": t},
+                    scale=None,
+                    user_emb=np.zeros((n_users, 4), np.float32), item_emb=np.full((n_items, 4), l2, np.float32),
+                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+
+    monkeypatch.setattr(recommender, "train", fake_train)
+    for flags, want_calls in ((["--l2", "1e-3,1e-2,1e-1"], [1e-3, 1e-2, 1e-1]), (["--l2", "1e-1"], [1e-1])):
+        calls.clear()
+        args = run_module.parse_args(["--data", "x", "--model", "lightgcn", "--topk", "20", *flags])
+        m = run_module.run(args, data, "lightgcn", 0.0, str(tmp_path / "out"))
+        assert calls == want_calls  # one value: no grid, one training
+        kept = 1e-2 if len(want_calls) > 1 else 1e-1
+        assert m["l2"] == kept and m["test"]["recall@20"] == scores[kept][1] and m["best_epoch"] == int(kept * 1000)
+        saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+        assert saved["grid"] == [{"l2": v, "best_epoch": int(v * 1000), "valid_recall@20": scores[v][0]}
+                                 for v in want_calls]
+
+
+def test_l2_default_is_the_grid_and_names_the_run(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import recommender
+    import run as run_module
+
+    parse = run_module.parse_args
+    assert parse(["--data", "x"]).l2 == recommender.L2_GRID
+    assert parse(["--data", "x", "--l2", "1e-3,1e-2,1e-3"]).l2 == (1e-3, 1e-2)
+    assert parse([]).l2 is None  # the demo: each model's one tuned value
+    names = {run_module.run_name(parse(["--data", "x", *f]), "toy", "mf") for f in ([], ["--l2", "1e-2"], ["--l2", "1e-2,1e-1"])}
+    assert len(names) == 3
+    p = run("--data", make_dataset(tmp_path / "toy"), "--l2", "1e-2,x")
+    assert p.returncode == 2 and "--l2 must be non-negative numbers" in p.stderr
