@@ -32,11 +32,15 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
   within the first epoch (MovieLens: text, the image's weight 0.000); the others then get
   almost no gradient from the BCE, only the alignment's. Dropout keeps them training, but 0.1
   and 0.3 did not beat 0 on MovieLens' valid split, so it is off (README, Modalities);
+- `new_items` (none): the items of the cold-start split. A new item has its ID modality
+  masked always, at training and at scoring, is never a negative, and stays out of the
+  feature standardisation, so its pairs and features change nothing trained. Other items
+  without a training pair (TikTok has 465 that appear only in valid or test) stay as they
+  were, as the downstream recommender treats them too, so warm results are unchanged;
 - `id_dropout` (0): DropoutNet's, each step masks each item's ID modality with this
-  probability, so the BCE also trains h_i from content alone, as a new item's must be (a new
-  item, one without a training pair, has its ID modality masked always, at training and at
-  scoring, and is never a negative). On MovieLens' cold-valid split 0.5 ranked the new
-  items within a seed's spread of 0 (README, New items), so it is off;
+  probability, so the BCE also trains h_i from content alone, as a new item's must be. On
+  MovieLens' cold-valid split 0.5 ranked the new items within a seed's spread of 0
+  (README, New items), so it is off;
 - `align` (on), `lambda_align` (0.01), `tau` (0.2): the aligned representations are the
   projector outputs, before propagation, so that alignment acts on the content encoders;
   lambda_align chosen on TikTok's valid split (MovieLens' agrees);
@@ -272,7 +276,7 @@ def projector(f, d):
 class MMCPR(nn.Module):
     """User modalities: 'graph' (ID embedding) [+ 'review']. Item modalities: 'graph' + every
     content feature. Each is propagated over its side's graph, then fused per node.
-    has_id [I] bool: the items with a training pair; a new item's ID modality is masked out
+    has_id [I] bool: False for a new item (no training pair yet), whose ID modality is masked out
     of the fusion, so its h_i is built from its content alone."""
 
     def __init__(self, n_users, n_items, user_adj, item_adj, item_feats, user_feat=None,
@@ -334,16 +338,18 @@ class MMCPR(nn.Module):
 
 def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=100, batch=8192,
              align_batch=1024, lr=1e-2, neg=8, tau=0.2, lambda_align=0.01, l2=1e-3, fusion='attention',
-             modality_dropout=0.0, id_dropout=0.0, user_graph=True, item_graph=True, align=True, standardize=True,
-             device='cpu', seed=0, log=print):
+             modality_dropout=0.0, id_dropout=0.0, new_items=None, user_graph=True, item_graph=True, align=True,
+             standardize=True, device='cpu', seed=0, log=print):
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content
     features {name: [I, f]} and optional user review features [U, f]. Returns a dict of
     user_emb [U, d], item_emb [I, d] (fused h after training), item_content_emb [I, d] (h_i
     with every ID modality masked: what content alone gives), modality_weights, graph_seconds,
     epoch_seconds, losses (per epoch {'bce', 'align', 'total'} means) and notes.
 
-    An item without a training pair (a new item) has no edge and no trained ID: its ID modality
-    is masked, it is never a sampled negative, and its features do not enter the standardisation.
+    new_items (int ids, default none): the items that arrive after training (the cold-start
+    split), so no pair of theirs may be in R. A new item has no edge and no trained ID: its ID
+    modality is masked, it is never a sampled negative, and its features do not enter the
+    standardisation.
     id_dropout: DropoutNet's, each training step masks each item's ID modality with this
     probability, so that the BCE also trains h_i from content alone."""
     torch.manual_seed(seed)
@@ -375,11 +381,15 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     log(f'graphs: {(A_user.nnz - n_users) // 2} user edges, {(A_item.nnz - n_items) // 2} item edges, '
         f'{graph_seconds:.2f}s')
 
-    has_id = np.diff(R.tocsc().indptr) > 0                             # [I] items with a training pair
+    has_id = np.ones(n_items, bool)                                    # [I] False: a new item
+    if new_items is not None:
+        has_id[np.asarray(new_items, np.int64)] = False
+        if R[:, ~has_id].nnz:
+            raise ValueError('a new item has a training pair')
     pool = None if has_id.all() else np.flatnonzero(has_id)            # the negatives' items
     if (np.diff(R.indptr) >= has_id.sum()).any():
         raise ValueError('a user interacted with every item: no negatives to sample')
-    feats = {name: prepare(f, standardize, np.flatnonzero(has_id)) for name, f in item_feats.items()}
+    feats = {name: prepare(f, standardize, pool) for name, f in item_feats.items()}
     review = None if user_feat is None else prepare(user_feat, standardize)
     model = MMCPR(n_users, n_items, to_torch_sparse(A_user, device), to_torch_sparse(A_item, device),
                   feats, review, dim, layers, fusion, modality_dropout, torch.from_numpy(has_id)).to(device)

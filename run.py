@@ -209,6 +209,7 @@ def run(args, data, model, load_seconds, out):
                              align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
                              tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
                              modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
+                             new_items=None if c is None else np.r_[c["valid_items"], c["test_items"]],
                              user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
                              align=not args.no_align, standardize=not args.no_standardize,
                              device=args.device, seed=args.seed, log=print)

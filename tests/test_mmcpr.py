@@ -556,3 +556,17 @@ def test_module_docstring_ties_every_tuning_flag_to_its_choice_and_carries_no_hi
     assert [f for f in flags if f'`{f}`' not in mmcpr.__doc__] == []
     source = Path(mmcpr.__file__).read_text()
     assert not re.search(r'\d(\.\d+)?x (faster|slower)|times (faster|slower)|earlier build|Recall@', source)
+
+
+def test_pretrain_refuses_a_new_item_with_a_training_pair_and_masks_new_items():
+    R, feats, user_feat = tiny()
+    R = sp.lil_matrix(R)
+    R[:, :2] = 0                                              # items 0 and 1: no pair, new
+    R[0, 2] = 1                                               # item 2 has one
+    R = R.tocsr()
+    kw = dict(dim=8, knn=3, epochs=1, batch=16, log=lambda s: None)
+    with pytest.raises(ValueError, match='new item has a training pair'):
+        mmcpr.pretrain(R, feats, user_feat, new_items=[1, 2], **kw)
+    out = mmcpr.pretrain(R, feats, user_feat, new_items=[0, 1], **kw)
+    np.testing.assert_array_equal(out['item_emb'][:2], out['item_content_emb'][:2])  # content alone
+    assert not np.allclose(out['item_emb'][2:], out['item_content_emb'][2:])
