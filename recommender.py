@@ -257,33 +257,49 @@ def content_matrix(feats, fit_items):
     return torch.cat(blocks + [torch.ones(len(blocks[0]), 1, dtype=torch.float64)], 1)
 
 
-RIDGE = tuple(10.0 ** np.arange(-2, 3.01, 0.5))  # the content head's strengths, chosen on cold-valid
+RIDGE = tuple(float(v) for v in 10.0 ** np.arange(-2, 3.01, 0.5))  # the content head's strengths, chosen on cold-valid
+PROFILE = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the content profile's weights, chosen on cold-valid
 
 
-def fit_content_head(X, item_emb, fit_items, user_emb, evaluator, ridge=RIDGE, log=print):
-    """Serve new items: a linear head from content to the trained item embeddings.
+def fit_content_head(X, item_emb, fit_items, user_emb, train_pairs, evaluator, ridge=RIDGE, profile=PROFILE,
+                     log=print):
+    """Serve new items: a new item has no pair, so no trained embedding; its content is all
+    there is. Two scores, fitted on the items with training pairs:
 
-    A new item has no pair, so no trained embedding; its content is all there is. On the
-    items with training pairs, W = argmin |X W - E|² + ridge |W|² maps content X [n_items, F]
-    to the final item embeddings E [n_items, d] that score against user_emb, and a new item
-    scores as user_emb . (x_i W), the users unchanged (DeepMusic's regression, into the
-    fine-tuned space). One eigendecomposition of XᵀX serves every strength; the one with the
-    best Recall@20 on `evaluator` (cold-valid: new items, never test) is kept.
-    Returns (X W [n_items, d] float32, the kept strength, {strength: valid Recall@20})."""
+    1. a linear head into the trained space (DeepMusic's regression): W = argmin |X W - E|²
+       + ridge |W|² maps content X [n_items, F] to the final item embeddings E [n_items, d],
+       and s_head(u, i) = e_u . x_i W, the users unchanged;
+    2. a content profile (content-kNN): p_u = the normalised mean of the content x̂ (X less its
+       bias column, normalised) of u's training items, and s_prof(u, i) = p_u . x̂_i; on the user
+       side it pools the user's items' content, as the paper pools a user's reviews.
+    A new item scores s_head / σ_head + β s_prof / σ_prof, each σ its score's sd over the
+    training pairs: one inner product of [e_u / σ_head, β p_u / σ_prof] and [x_i W, x̂_i].
+    The strength is kept first (β = 0), then β, each the best Recall@20 on `evaluator`
+    (cold-valid: new items, never test); β = 0 keeps the head alone. One eigendecomposition
+    of XᵀX serves every strength.
+    Returns (user vectors [n_users, d + F'], item vectors [n_items, d + F'], dict(ridge, beta,
+    ridge_grid, beta_grid: {value: valid Recall@20})), the vectors float32 on user_emb's device."""
     device = user_emb.device
     X, E = X.to(device), torch.as_tensor(item_emb, device=device, dtype=torch.float64)
     fit = torch.as_tensor(fit_items, device=device)
     e, Q = torch.linalg.eigh(X[fit].T @ X[fit])  # XᵀX = Q diag(e) Qᵀ
     XQ, QtXtE = X @ Q, Q.T @ (X[fit].T @ E[fit])  # [n_items, F], [F, d]
-    grid, best = {}, None
-    for lam in ridge:
-        pred = (XQ @ (QtXtE / (e + lam)[:, None])).float()  # X (XᵀX + λI)⁻¹ XᵀE
-        grid[lam] = evaluator.evaluate(user_emb, pred)["recall@20"]
-        if best is None or grid[lam] > grid[best[0]]:
-            best = (lam, pred)
-    log("content head for new items, cold-valid recall@20 by ridge strength: "
-        + ", ".join(f"{lam:g}: {r:.4f}" for lam, r in grid.items()) + f"; kept {best[0]:g}")
-    return best[1], best[0], grid
+    heads = {lam: (XQ @ (QtXtE / (e + lam)[:, None])).float() for lam in ridge}  # X (XᵀX + λI)⁻¹ XᵀE
+    ridge_grid = {lam: evaluator.evaluate(user_emb, h)["recall@20"] for lam, h in heads.items()}
+    lam = max(ridge_grid, key=ridge_grid.get)
+    u, i = (torch.as_tensor(np.asarray(a, np.int64), device=device) for a in train_pairs)
+    x = F.normalize(X[:, :-1].float(), dim=1)  # [n_items, F - 1]
+    p = F.normalize(torch.zeros(len(user_emb), x.shape[1], device=device).index_add_(0, u, x[i]), dim=1)
+    sd_head = (user_emb[u] * heads[lam][i]).sum(1).std().clamp_min(1e-12)  # over the training pairs
+    sd_prof = (p[u] * x[i]).sum(1).std().clamp_min(1e-12)
+    items = torch.cat([heads[lam], x], 1)
+    users = {b: torch.cat([user_emb / sd_head, b * p / sd_prof], 1) for b in profile}
+    beta_grid = {b: evaluator.evaluate(users[b], items)["recall@20"] for b in profile}
+    beta = max(beta_grid, key=beta_grid.get)
+    log("new items, cold-valid recall@20 by ridge strength: " + ", ".join(f"{k:g}: {r:.4f}" for k, r in ridge_grid.items())
+        + f"; kept {lam:g}; by profile weight: " + ", ".join(f"{k:g}: {r:.4f}" for k, r in beta_grid.items())
+        + f"; kept {beta:g}")
+    return users[beta], items, dict(ridge=lam, beta=beta, ridge_grid=ridge_grid, beta_grid=beta_grid)
 
 
 # Defaults: Amazon Baby's L2, chosen on its valid split for the baseline and for fine-tuning

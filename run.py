@@ -163,7 +163,7 @@ def cold_start(args, data, model, item_feats, res, timings):
     Returns metrics.json's "cold" entry."""
     c = data["cold"]
     out = dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None, test=None,
-               ridge=None, ridge_grid=None, note=None)
+               note=None)
     if model != "mmcpr" or not item_feats:
         out["note"] = (f"{model} alone cannot rank an item without pairs" if model != "mmcpr"
                        else "no item content modality: a new item has nothing to be ranked by")
@@ -172,11 +172,14 @@ def cold_start(args, data, model, item_feats, res, timings):
     ev = {s: recommender.Evaluator(data["n_items"], data["train"], c[s], args.topk, device=args.device,
                                    candidates=c[f"{s}_items"]) for s in ("valid", "test")}
     fit_items = np.unique(data["train"][1])  # the items with a trained embedding
-    user_emb = torch.as_tensor(res["user_emb"], device=args.device)
     X = recommender.content_matrix(item_feats, fit_items)
-    pred, out["ridge"], grid = recommender.fit_content_head(X, res["item_emb"], fit_items, user_emb, ev["valid"])
-    out["ridge_grid"] = {f"{lam:g}": r for lam, r in grid.items()}
-    out["valid"], out["test"] = (ev[s].evaluate(user_emb, pred) for s in ("valid", "test"))
+    users, items, fit = recommender.fit_content_head(X, res["item_emb"], fit_items,
+                                                     torch.as_tensor(res["user_emb"], device=args.device),
+                                                     data["train"], ev["valid"])
+    out.update(ridge=fit["ridge"], profile_weight=fit["beta"],
+               ridge_grid={f"{k:g}": r for k, r in fit["ridge_grid"].items()},
+               profile_grid={f"{k:g}": r for k, r in fit["beta_grid"].items()})
+    out["valid"], out["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))
     timings["cold"] = time.perf_counter() - t
     return out
 
@@ -196,8 +199,9 @@ def run(args, data, model, load_seconds, out):
                                      f"(has: {', '.join(item_feats) or 'none'})")
         item_feats = {m: item_feats[m] for m in wanted}
     downstream = args.recommender if model == "mmcpr" else model
-    c = data["cold"]  # the new items are no negatives and are not ranked in the warm task
-    warm = None if c is None else np.setdiff1d(np.arange(data["n_items"]), np.r_[c["valid_items"], c["test_items"]])
+    c = data["cold"]  # new items: no negatives, not ranked in the warm task, their ID masked in pre-training
+    new = None if c is None else np.r_[c["valid_items"], c["test_items"]]
+    warm = None if c is None else np.setdiff1d(np.arange(data["n_items"]), new)
 
     init, pre = {}, {}
     if model == "mmcpr":
@@ -209,7 +213,7 @@ def run(args, data, model, load_seconds, out):
                              align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
                              tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
                              modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
-                             new_items=None if c is None else np.r_[c["valid_items"], c["test_items"]],
+                             new_items=new,
                              user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
                              align=not args.no_align, standardize=not args.no_standardize,
                              device=args.device, seed=args.seed, log=print)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -426,19 +427,46 @@ def test_items_outside_the_catalogue_are_never_negatives_nor_ranked(model):
     assert np.isin(negs, pool).all()
 
 
-def test_content_head_recovers_a_linear_map_and_keeps_the_valid_best_strength():
-    rng = np.random.default_rng(0)
-    n_items, d = 60, 4
+def content_case(seed=0, n_items=60, n_users=30, d=4):
+    rng = np.random.default_rng(seed)
     feats = {"text": rng.standard_normal((n_items, 6)), "image": rng.standard_normal((n_items, 3))}
     fit = np.arange(40)  # items 40..59 are new
-    X = rec.content_matrix(feats, fit)
-    assert X.shape == (n_items, 10) and torch.all(X[:, -1] == 1)
-    assert torch.allclose(X[:, :6].norm(dim=1), torch.ones(n_items, dtype=X.dtype))
-    assert torch.allclose(X[fit, :6].mean(0) * 0, torch.zeros(6, dtype=X.dtype))
-    E = (X @ torch.as_tensor(rng.standard_normal((10, d)))).float().numpy()  # embeddings that content explains
-    users = torch.as_tensor(rng.standard_normal((30, d)), dtype=torch.float32)
-    target = (np.arange(30), rng.choice(np.arange(40, 60), 30))
-    ev = rec.Evaluator(n_items, (np.arange(30), rng.choice(fit, 30)), target, ks=(5, 20), candidates=np.arange(40, 60))
-    pred, lam, grid = rec.fit_content_head(X, E, fit, users, ev, ridge=(1e-8, 1e3), log=lambda s: None)
-    np.testing.assert_allclose(pred[40:].numpy(), E[40:], atol=1e-3)  # new items, from their content alone
-    assert lam == max(grid, key=grid.get) and grid[1e-8] >= grid[1e3]
+    return rng, feats, fit, rec.content_matrix(feats, fit)
+
+
+def test_content_matrix_standardises_on_the_fit_items_and_adds_a_bias():
+    rng, feats, fit, X = content_case()
+    assert X.shape == (60, 10) and torch.all(X[:, -1] == 1)
+    assert torch.allclose(X[:, :6].norm(dim=1), torch.ones(60, dtype=X.dtype))  # each modality's block
+    assert torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
+    feats["text"][40:] += 100  # a new item's features move nothing fitted on the others
+    assert torch.equal(rec.content_matrix(feats, fit)[:40], X[:40])
+
+
+def test_content_head_recovers_a_linear_map_and_keeps_the_valid_best_strength():
+    rng, feats, fit, X = content_case()
+    E = (X @ torch.as_tensor(rng.standard_normal((10, 4)))).float().numpy()  # embeddings that content explains
+    users = torch.as_tensor(rng.standard_normal((30, 4)), dtype=torch.float32)
+    train = (np.arange(30), rng.choice(fit, 30))
+    ev = rec.Evaluator(60, train, (np.arange(30), rng.choice(np.arange(40, 60), 30)), ks=(5, 20),
+                       candidates=np.arange(40, 60))
+    U, I, f = rec.fit_content_head(X, E, fit, users, train, ev, ridge=(1e-8, 1e3), profile=(0.0,), log=lambda s: None)
+    np.testing.assert_allclose(I[40:, :4].numpy(), E[40:], atol=1e-3)  # new items, from their content alone
+    assert f["ridge"] == max(f["ridge_grid"], key=f["ridge_grid"].get) and f["ridge_grid"][1e-8] >= f["ridge_grid"][1e3]
+    assert torch.equal(U[:, 4:], torch.zeros(30, 9))  # β = 0: the head alone
+    assert ev.evaluate(U, I) == pytest.approx(ev.evaluate(users, I[:, :4]))
+
+
+def test_content_profile_is_weighed_in_when_it_ranks_better_on_valid():
+    # Item embeddings that content cannot explain, but each user's held-out new item is the one
+    # most like the content of their training items: only the profile ranks it, and β > 0 is kept.
+    rng, feats, fit, X = content_case(1, n_items=140)  # 100 new items, 40 with pairs
+    x = F.normalize(X[:, :-1].float(), dim=1)
+    train = (np.arange(30), rng.choice(fit, 30))
+    target = (np.arange(30), 40 + (x[train[1]] @ x[40:].T).argmax(1).numpy())
+    ev = rec.Evaluator(140, train, target, ks=(1, 20), candidates=np.arange(40, 140))
+    users = torch.as_tensor(rng.standard_normal((30, 4)), dtype=torch.float32)
+    E = rng.standard_normal((140, 4)).astype(np.float32)
+    U, I, f = rec.fit_content_head(X, E, fit, users, train, ev, log=lambda s: None)
+    assert f["beta"] > 0 and f["beta_grid"][f["beta"]] == max(f["beta_grid"].values()) > f["beta_grid"][0.0]
+    assert ev.evaluate(U, I)["recall@1"] > 0.5

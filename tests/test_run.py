@@ -303,8 +303,8 @@ def test_cold_entry_of_metrics(tmp_path, model):
         assert m["valid"] is m["test"] is None and "cannot rank an item without pairs" in m["note"]
         assert "cannot rank" in p.stdout
     else:
-        assert m["note"] is None and m["ridge"] in [float(k) for k in m["ridge_grid"]]
-        assert m["ridge_grid"][f"{m['ridge']:g}"] == max(m["ridge_grid"].values()) == m["valid"]["recall@20"]
+        assert m["note"] is None and m["ridge_grid"][f"{m['ridge']:g}"] == max(m["ridge_grid"].values())
+        assert m["profile_grid"][f"{m['profile_weight']:g}"] == max(m["profile_grid"].values()) == m["valid"]["recall@20"]
         assert 0 <= m["test"]["recall@20"] <= 1 and "cold-test" in p.stdout
 
 
