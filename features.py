@@ -12,6 +12,9 @@ arrive as
                         one row per item
     review_feat.npy     the user review modality, one row per user
 
+load_mmrec(folder, cold_items=F) also holds out a share F of the items as new
+items, with every pair of theirs (ColdRec's item cold-start split).
+
 Raw half: a folder of reviews, item metadata and images (an Amazon 5-core
 dump, say) is converted into that layout by convert_raw, the content features
 encoded by pretrained networks; make_demo writes a small synthetic one.

@@ -11,6 +11,8 @@ such models, self-contained:
                        propagations on the normalised user-item graph
     bpr_loss           the pairwise loss both are trained with
     train              Adam, early stopping on valid Recall@20, best-valid test
+    fit_content_head   new items (no pairs yet) scored from their content, in
+                       the trained model's space
 
 Everything takes plain numpy arrays of (user, item) pairs and, for the
 hand-off, optional initial (layer-0) embeddings. Nothing here imports the rest

@@ -2,6 +2,7 @@
 
     python run.py --data ./baby --device cuda     # MMCPR pre-training + LightGCN fine-tuning
     python run.py --data ./baby --model lightgcn  # a baseline alone: lightgcn or mf
+    python run.py --data ./movielens --cold-items 0.2  # 20% of the items new: ranked by content
     python run.py                                 # offline demo on synthetic data
 
 Data flows one way: load (features.py) -> graphs and pre-training (mmcpr.py)
