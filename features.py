@@ -135,6 +135,9 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
     order = np.random.default_rng(split_seed).permutation(np.unique(items))  # items with any pair
     c = round(cold_items * len(order))
+    if cold_items and c < 2:
+        raise DataError(f"{name}: --cold-items {cold_items} makes {c} of {len(order)} items new; "
+                        "cold-valid and cold-test need one each")
     cold_sets = (np.sort(order[:c // 2]), np.sort(order[c // 2:c])) if cold_items else ()
     new = np.isin(items, order[:c])
     parts = {s: (users[(split == j) & ~new], items[(split == j) & ~new]) for j, s in enumerate(("train", "valid", "test"))}

@@ -318,7 +318,7 @@ class MMCPR(nn.Module):
     def forward(self, id_dropout=0.0, content_only=False):
         """-> fused h_u [U, d], h_i [I, d]; ego modality representations E_u [U, Mu, d], E_i [I, Mi, d]
         in the order of user_modalities, item_modalities; attention weights α_u [U, Mu], α_i [I, Mi].
-        An item's ID modality is masked where it has no training pair, where id_dropout drops it
+        An item's ID modality is masked where has_id is False (a new item), where id_dropout drops it
         (DropoutNet: content learns to stand in for it), and for every item if content_only."""
         E_u = [self.user_id.weight] + ([self.user_proj(self.user_feat)] if self.user_proj is not None else [])
         E_i = [self.item_id.weight] + [self.item_proj[name](getattr(self, 'feat_' + name)) for name in self.content]
@@ -434,7 +434,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         'item_emb': h_i.cpu().numpy().astype(np.float32),
         'item_content_emb': h_c.cpu().numpy().astype(np.float32),
         'modality_weights': {'user': dict(zip(model.user_modalities, alpha_u.mean(0).tolist())),
-                             'item': dict(zip(model.item_modalities, alpha_i.mean(0).tolist()))},
+                             'item': dict(zip(model.item_modalities, alpha_i[model.has_id].mean(0).tolist()))},
         'graph_seconds': graph_seconds,
         'epoch_seconds': epoch_seconds,
         'losses': losses,

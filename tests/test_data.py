@@ -144,3 +144,5 @@ def test_cold_split_depends_on_split_seed_alone(tmp_path):
     assert features.load_mmrec(str(tmp_path), log=lambda s: None)["cold"] is None
     with pytest.raises(features.DataError, match="cold_items"):
         features.load_mmrec(str(tmp_path), cold_items=1.0, log=lambda s: None)
+    with pytest.raises(features.DataError, match="cold-valid and cold-test need one each"):
+        features.load_mmrec(str(tmp_path), cold_items=0.05, log=lambda s: None)  # 1 of 20 items

@@ -244,7 +244,9 @@ def test_demo_runs_the_three_models_side_by_side(tmp_path, monkeypatch, capsys):
 
 def cold_variant(src, dst, cold_items, seed):
     """A copy of dataset src whose new items' pairs are rewritten (other users, other x_labels) and
-    whose new items' features are redrawn; every new item keeps a pair, so the split is the same."""
+    whose new items' features are redrawn; every new item keeps a pair, so the split is the same.
+    The review features are redrawn too: a user's pools reviews of new items, so a cold run
+    must ignore them."""
     dst.mkdir()
     rng = np.random.default_rng(seed)
     lines = (src / "toy.inter").read_text().splitlines()
@@ -259,7 +261,7 @@ def cold_variant(src, dst, cold_items, seed):
         x = np.load(src / f).astype(np.float32)
         x[cold_items] = rng.standard_normal((len(cold_items), x.shape[1])) * 5
         np.save(dst / f, x)
-    np.save(dst / "review_feat.npy", np.load(src / "review_feat.npy"))
+    np.save(dst / "review_feat.npy", rng.standard_normal(np.load(src / "review_feat.npy").shape))  # see below
     return dst
 
 
@@ -281,6 +283,7 @@ def test_new_items_pairs_and_features_change_nothing_trained(tmp_path):
         assert p.returncode == 0, p.stderr
     ma, mb = (json.loads((out[k] / "metrics.json").read_text()) for k in "ab")
     assert ma["cold"]["test_items"] == mb["cold"]["test_items"] == cold["test_items"].tolist()
+    assert ma["modalities"]["user"] == ["graph"]  # review_feat.npy ignored
     assert ma["cold"]["test"] != mb["cold"]["test"]  # the rewritten pairs are what the cold task scores
     for key in ("valid", "test", "history", "best_epoch", "n_train", "n_valid", "n_test"):
         assert ma[key] == mb[key], key
