@@ -192,7 +192,7 @@ def run(args, data, model, load_seconds, out):
     t0 = time.perf_counter()
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0)
     item_feats, user_feat = data["item_feats"], None if args.no_reviews else data["user_feat"]
-    if data["cold"] and user_feat is not None:  # a user's review feature pools reviews of the new items too
+    if model == "mmcpr" and data["cold"] and user_feat is not None:  # it pools reviews of new items too
         print("note: --cold-items ignores review_feat.npy: it was built from training reviews that include the "
               "new items'")
         user_feat = None
