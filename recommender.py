@@ -249,12 +249,14 @@ def content_matrix(feats, fit_items):
     """Item content {modality: [n_items, f]} -> X [n_items, F + 1]: each modality z-scored per
     dimension on the fit items (the catalogue known at training time, so a new item's features
     change nothing fitted), each row L2-normalised within the modality so that no modality
-    outweighs another by its width, concatenated, then a constant 1 (the head's bias)."""
+    outweighs another by its width, concatenated, then a constant 1 (the head's bias). A
+    column constant on the fit items (up to float rounding) maps to 0, as in mmcpr's prepare:
+    divided by its rounding-sized spread, a new item's small offset there would swamp the rest."""
     blocks = []
     for x in feats.values():
         x = torch.as_tensor(np.asarray(x, np.float32), dtype=torch.float64)
         mu, sd = x[fit_items].mean(0), x[fit_items].std(0, correction=0)
-        z = (x - mu) / (sd + 1e-6)
+        z = (x - mu) / torch.where(sd > 1e-5 * (1 + mu.abs()), sd + 1e-6, torch.inf)  # constant on them: 0
         blocks.append(F.normalize(z, dim=1))
     return torch.cat(blocks + [torch.ones(len(blocks[0]), 1, dtype=torch.float64)], 1)
 

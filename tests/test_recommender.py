@@ -441,6 +441,10 @@ def test_content_matrix_standardises_on_the_fit_items_and_adds_a_bias():
     assert torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
     feats["text"][40:] += 100  # a new item's features move nothing fitted on the others
     assert torch.equal(rec.content_matrix(feats, fit)[:40], X[:40])
+    feats["image"][:40, 0] = 3.0  # constant on the fit items: 0 for every item, a new one's offset too
+    feats["image"][40:, 0] = 3.0 + 1e-3
+    X = rec.content_matrix(feats, fit)
+    assert torch.all(X[:, 6] == 0) and torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
 
 
 def test_content_head_recovers_a_linear_map_and_keeps_the_valid_best_strength():
