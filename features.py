@@ -138,7 +138,7 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
     if cold_items and c < 2:
         raise DataError(f"{name}: --cold-items {cold_items} makes {c} of {len(order)} items new; "
                         "cold-valid and cold-test need one each")
-    cold_sets = (np.sort(order[:c // 2]), np.sort(order[c // 2:c])) if cold_items else ()
+    cold_sets = np.sort(order[:c // 2]), np.sort(order[c // 2:c])  # empty when cold_items is 0
     new = np.isin(items, order[:c])
     parts = {s: (users[(split == j) & ~new], items[(split == j) & ~new]) for j, s in enumerate(("train", "valid", "test"))}
     has_train = np.zeros(n_users, bool)

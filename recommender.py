@@ -297,13 +297,13 @@ def fit_content_head(X, item_emb, fit_items, user_emb, train_pairs, evaluator, r
     sd_head = (user_emb[u] * heads[lam][i]).sum(1).std().clamp_min(1e-12)  # over the training pairs
     sd_prof = (p[u] * x[i]).sum(1).std().clamp_min(1e-12)
     items = torch.cat([heads[lam], x], 1)
-    users = {b: torch.cat([user_emb / sd_head, b * p / sd_prof], 1) for b in profile}
-    beta_grid = {b: evaluator.evaluate(users[b], items)["recall@20"] for b in profile}
+    users = lambda b: torch.cat([user_emb / sd_head, b * p / sd_prof], 1)  # built per β, not kept: [U, d + F']
+    beta_grid = {b: evaluator.evaluate(users(b), items)["recall@20"] for b in profile}
     beta = max(beta_grid, key=beta_grid.get)
     log("new items, cold-valid recall@20 by ridge strength: " + ", ".join(f"{k:g}: {r:.4f}" for k, r in ridge_grid.items())
         + f"; kept {lam:g}; by profile weight: " + ", ".join(f"{k:g}: {r:.4f}" for k, r in beta_grid.items())
         + f"; kept {beta:g}")
-    return users[beta], items, dict(ridge=lam, beta=beta, ridge_grid=ridge_grid, beta_grid=beta_grid)
+    return users(beta), items, dict(ridge=lam, beta=beta, ridge_grid=ridge_grid, beta_grid=beta_grid)
 
 
 # Defaults: Amazon Baby's L2, chosen on its valid split for the baseline and for fine-tuning
