@@ -11,6 +11,8 @@ arrive as
     <m>_feat.npy        one item content modality m (text, image, audio...),
                         one row per item
     review_feat.npy     the user review modality, one row per user
+    <b>_tag.npy         optional item tags, multi-hot (category, year): read by
+                        the new-item head only, not a modality of the paper's
 
 load_mmrec(folder, cold_items=F) also holds out a share F of the items as new
 items, with every pair of theirs (ColdRec's item cold-start split).
@@ -106,6 +108,9 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
     new items keep their rows of item_feats, as a new item arrives with its
     content. cold = dict(valid_items, test_items: sorted int64 item ids,
     valid, test: (users, items), their pairs of users with a training pair).
+
+    item_tags {block: float32 [n_items, k]}: the multi-hot <block>_tag.npy
+    files (convert_raw writes category and year), empty blocks left out.
     """
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
@@ -171,15 +176,19 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
             user_feat = _read_feat(p, n_users, "users")
         else:
             item_feats[modality] = _read_feat(p, n_items, "items")
+    item_tags = {os.path.basename(p)[: -len("_tag.npy")]: _read_feat(p, n_items, "items")
+                 for p in sorted(glob.glob(os.path.join(folder, "*_tag.npy")))}
+    item_tags = {b: x for b, x in item_tags.items() if x.shape[1]}
 
     log(f"loaded {name}: {n_users} users, {n_items} items, "
         + " / ".join(f"{len(parts[s][0])} {s}" for s in parts)
         + f"; item modalities: {', '.join(item_feats) or 'none'}; reviews: {'yes' if user_feat is not None else 'no'}"
+        + (f"; item tags: {', '.join(item_tags)}" if item_tags else "")
         + (f"; {n_cold} users with held-out items but no training items are left out of evaluation" if n_cold else "")
         + (f"; new items (split seed {split_seed}): {len(cold_sets[0])} cold-valid, {len(cold_sets[1])} cold-test, "
            f"their {int(new.sum())} pairs out of training" if cold_items else ""))
     return dict(name=os.path.splitext(name)[0], n_users=n_users, n_items=n_items, **parts,
-                item_feats=item_feats, user_feat=user_feat, n_cold=n_cold, cold=cold)
+                item_feats=item_feats, user_feat=user_feat, item_tags=item_tags, n_cold=n_cold, cold=cold)
 
 
 # -----------------------------------------------------------------------------
@@ -290,6 +299,33 @@ def _read_items(path, wanted):
         if i in wanted:
             texts[i] = " ".join(" ".join(dict.fromkeys(_flat([obj.get(k) for k in ITEM_TEXT]))).split())
     return texts
+
+
+YEAR = re.compile(r"\((\d{4})\)\s*$")  # a title that ends in its release year: "Toy Story (1995)"
+
+
+def _item_tags(path, item_ids):
+    """{"category": C, "year": Y}, float32 multi-hot [n_items, k] each: an item's categories
+    (categories or category, nested lists flattened) and the release year that ends its
+    title, MovieLens style. A tag only one item has cannot generalise and is left out; so
+    a block can have no column. The encoded text holds these words too, but a linear head
+    cannot read a year or a genre back out of a sentence embedding (README, New items)."""
+    row, tags = {i: k for k, i in enumerate(item_ids)}, {"category": {}, "year": {}}
+    for _, obj in _read_jsonl(path):
+        k = row.get(str(_field(obj, "item")))
+        if k is not None:
+            tags["category"][k] = set(_flat([obj.get("categories"), obj.get("category")]))
+            year = YEAR.search(str(obj.get("title") or ""))
+            tags["year"][k] = {year.group(1)} if year else set()
+    out = {}
+    for block, of in tags.items():
+        names, count = np.unique([t for ts in of.values() for t in ts], return_counts=True)
+        col = {t: j for j, t in enumerate(names[count > 1])}
+        x = np.zeros((len(item_ids), len(col)), np.float32)
+        for k, ts in of.items():
+            x[k, [col[t] for t in ts if t in col]] = 1
+        out[block] = x
+    return out
 
 
 def _kcore(users, items, k):
@@ -556,7 +592,8 @@ def _encode(encoder, inputs, batch_size, what, log, key=None):
 
 def convert_raw(folder, *, kcore=0, split_seed=0, text_encoder=None, image_encoder=None, device="cpu",
                 precision="auto", rebuild=False, batch_size=64, log=print):
-    """Write the MMRec layout (id maps, NAME.inter, text/review/image_feat.npy) into folder.
+    """Write the MMRec layout (id maps, NAME.inter, text/review/image_feat.npy, and from the item
+    metadata category/year_tag.npy, _item_tags) into folder.
 
     Raw layouts (LAYOUTS): a reviews file, item metadata (optional) and images/<item>.jpg|png
     (optional). Interactions: one per (user, item), the earliest review; then k-core filtering
@@ -609,6 +646,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
         out = {}
         if items_path:
             out["text_feat.npy"] = dict(items=items, meta=_stamp(items_path), encoder=text_enc)
+            out["category_tag.npy"] = out["year_tag.npy"] = dict(items=items, meta=_stamp(items_path))
         if train:  # None: no training review has text
             out["review_feat.npy"] = dict(train=train, reviews=inter["reviews"], encoder=text_enc)
         if image_dir:
@@ -656,7 +694,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
                                                                header="userID\titemID\trating\ttimestamp\tx_label"),
              digests=digests)
     expected = feature_inputs(**digests)
-    for f in [f for f in manifest if f.endswith("_feat.npy") and f not in expected]:  # its source is gone
+    for f in [f for f in manifest if f.endswith(("_feat.npy", "_tag.npy")) and f not in expected]:  # source gone
         if os.path.exists(os.path.join(folder, f)):
             os.remove(os.path.join(folder, f))
         del manifest[f]
@@ -685,6 +723,10 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
         save("review_feat.npy", np.where(n > 0, feat / np.maximum(n, 1), feat.sum(0) / n.sum()).astype(np.float32),
              expected["review_feat.npy"])
         log(f"review_feat.npy: {int((n == 0).sum())} users without a training review got the mean of all")
+    if "category_tag.npy" in stale or "year_tag.npy" in stale:
+        for block, x in _item_tags(items_path, item_ids).items():
+            save(f"{block}_tag.npy", x, expected[f"{block}_tag.npy"])
+            log(f"{block}_tag.npy: {x.shape[1]} tags that two or more items have")
     if "image_feat.npy" in stale:
         files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(image_dir)) if f.lower().endswith(IMAGE_EXT)}
         paths = [os.path.join(image_dir, files[i]) if i in files else None for i in item_ids]

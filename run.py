@@ -83,6 +83,8 @@ def parse_args(argv=None):
     g.add_argument("--no-item-graph", action="store_true", help="no propagation over the item graph")
     g.add_argument("--no-reviews", action="store_true", help="ignore review_feat.npy")
     g.add_argument("--no-standardize", action="store_true", help="feed content features raw, not z-scored per dimension")
+    g.add_argument("--no-tags", action="store_true", help="the new-item head ignores *_tag.npy (categories, release "
+                                                         "year) and reads the content modalities alone")
     g = p.add_argument_group("raw data to features")
     g.add_argument("--kcore", type=int, default=0, help="k-core filter when converting raw data")
     g.add_argument("--split-seed", type=int, default=0, help="draws the new items of --cold-items; orders a user's interactions only where times are missing")
@@ -161,6 +163,9 @@ def write_atomic(folder, outputs):
 def cold_start(args, data, model, item_feats, res, timings):
     """The item cold-start task: rank the new items of cold-valid and cold-test by their content
     alone, through recommender.fit_content_head into the trained model's space (MMCPR only).
+    Content: the item modalities and, unless --no-tags, the item tags (categories, release
+    year; a block each). The paper's text modality holds those words too, through a sentence
+    encoder; read as tags they are worth more to a linear head (README, New items).
     Returns metrics.json's "cold" entry."""
     c = data["cold"]
     out = dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None, test=None,
@@ -173,11 +178,12 @@ def cold_start(args, data, model, item_feats, res, timings):
     ev = {s: recommender.Evaluator(data["n_items"], data["train"], c[s], args.topk, device=args.device,
                                    candidates=c[f"{s}_items"]) for s in ("valid", "test")}
     fit_items = np.unique(data["train"][1])  # the items with a trained embedding
-    X = recommender.content_matrix(item_feats, fit_items)
+    tags = {} if args.no_tags else {f"{b} tags": x for b, x in data["item_tags"].items()}
+    X = recommender.content_matrix({**item_feats, **tags}, fit_items)  # tags: a block each, as a modality
     users, items, fit = recommender.fit_content_head(X, res["item_emb"], fit_items,
                                                      torch.as_tensor(res["user_emb"], device=args.device),
                                                      data["train"], ev["valid"])
-    out.update(ridge=fit["ridge"], profile_weight=fit["beta"],
+    out.update(content=list(item_feats) + list(tags), ridge=fit["ridge"], profile_weight=fit["beta"],
                ridge_grid={f"{k:g}": r for k, r in fit["ridge_grid"].items()},
                profile_grid={f"{k:g}": r for k, r in fit["beta_grid"].items()})
     out["valid"], out["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))

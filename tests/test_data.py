@@ -34,7 +34,20 @@ def test_loads_mmrec_layout_with_extra_columns_and_features(tmp_path):
     np.testing.assert_array_equal(d["train"][1], [0, 1, 1, 2])
     assert sorted(d["item_feats"]) == ["image", "text"]
     assert all(x.dtype == np.float32 for x in (*d["item_feats"].values(), d["user_feat"]))
-    assert d["user_feat"].shape == (3, 5) and d["n_cold"] == 0
+    assert d["user_feat"].shape == (3, 5) and d["n_cold"] == 0 and d["item_tags"] == {}
+
+
+def test_item_tags_are_read_and_empty_blocks_left_out(tmp_path):
+    write(tmp_path)
+    np.save(tmp_path / "category_tag.npy", np.eye(4, 2))
+    np.save(tmp_path / "year_tag.npy", np.zeros((4, 0), np.float32))
+    np.save(tmp_path / "image_feat.npy", np.ones((4, 3)))
+    d = load(tmp_path)
+    assert list(d["item_tags"]) == ["category"] and list(d["item_feats"]) == ["image"]  # tags are no modality
+    np.testing.assert_array_equal(d["item_tags"]["category"], np.eye(4, 2, dtype=np.float32))
+    np.save(tmp_path / "year_tag.npy", np.zeros((3, 1)))
+    with pytest.raises(features.DataError, match=r"year_tag\.npy: 3 rows but the data has 4 items"):
+        load(tmp_path)
 
 
 def test_duplicates_inside_a_split_are_dropped_with_a_count(tmp_path):

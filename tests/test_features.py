@@ -383,6 +383,26 @@ def test_meta_with_python_literals(tmp_path, tiny):
         convert(folder, tiny)
 
 
+def test_item_tags_from_metadata(tmp_path, tiny):
+    """Categories (2014's nested lists, 2018's flat list) and a title's closing year, each as a
+    multi-hot block over the tags two or more items have; the ids are the items' sorted order."""
+    folder, logs = tmp_path / "shop", []
+    write_jsonl(folder / "reviews.jsonl", reviews([4, 4], n_items=4))
+    write_jsonl(folder / "items.jsonl", [
+        dict(item="i0", title="Heat (1995)", categories=[["Film", "Crime"], ["Film"]]),
+        dict(item="i1", title="Casino (1995) ", category=["Crime"]),
+        dict(item="i2", title="Fargo (1996)", categories=["Film", "Comedy"]),
+        dict(item="i3", title="Untitled (draft)")])
+    convert(folder, tiny, logs)
+    d = load_mmrec(folder, log=lambda s: None)
+    np.testing.assert_array_equal(d["item_tags"]["category"], [[1, 1], [1, 0], [0, 1], [0, 0]])  # Crime, Film
+    np.testing.assert_array_equal(d["item_tags"]["year"], [[1], [1], [0], [0]])  # 1995; 1996 is one item's
+    assert set(d["item_feats"]) == {"text"} and "year_tag.npy: 1 tags that two or more items have" in logs
+    write_jsonl(folder / "items.jsonl", [dict(item=f"i{k}", title="Heat") for k in range(4)])
+    convert(folder, tiny)  # changed metadata: the tags follow; blocks with no column are left out
+    assert load_mmrec(folder, log=lambda s: None)["item_tags"] == {}
+
+
 def test_demo_round_trip(tmp_path, tiny):
     make_demo(tmp_path / "demo", seed=0, n_users=40, n_items=24)
     convert(tmp_path / "demo", tiny)

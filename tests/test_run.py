@@ -309,6 +309,20 @@ def test_cold_entry_of_metrics(tmp_path, model):
         assert m["note"] is None and m["ridge_grid"][f"{m['ridge']:g}"] == max(m["ridge_grid"].values())
         assert m["profile_grid"][f"{m['profile_weight']:g}"] == max(m["profile_grid"].values()) == m["valid"]["recall@20"]
         assert 0 <= m["test"]["recall@20"] <= 1 and "cold-test" in p.stdout
+        assert m["content"] == ["audio", "image"]
+
+
+def test_new_item_head_reads_the_tags_unless_told_not_to(tmp_path):
+    data = make_dataset(tmp_path / "toy")
+    np.save(data / "category_tag.npy", np.eye(40, 6, dtype=np.float32))
+    content = {}
+    for flag in ([], ["--no-tags"]):
+        out = tmp_path / f"out{len(flag)}"
+        p = run("--data", data, "--device", "cpu", "--epochs", "2", "--pretrain-epochs", "1", "--cold-items", "0.25",
+                "--out", out, *flag)
+        assert p.returncode == 0, p.stderr
+        content[len(flag)] = json.loads((out / "metrics.json").read_text())["cold"]["content"]
+    assert content == {0: ["audio", "image", "category tags"], 1: ["audio", "image"]}
 
 
 def test_l2_grid_keeps_the_valid_best_not_the_test_best(tmp_path, monkeypatch):
