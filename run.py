@@ -213,6 +213,12 @@ def run(args, data, model, load_seconds, out):
     c = data["cold"]  # new items: no negatives, not ranked in the warm task, their ID masked in pre-training
     new = None if c is None else np.r_[c["valid_items"], c["test_items"]]
     warm = None if c is None else np.setdiff1d(np.arange(data["n_items"]), new)
+    n_pool = data["n_items"] if warm is None else len(warm)  # the items a negative is drawn from
+    full = np.flatnonzero(np.bincount(data["train"][0], minlength=data["n_users"]) >= n_pool)
+    if len(full):  # training pairs are unique, so this user has every item: no negative to sample
+        raise features.DataError(f"{data['name']}: user {full[0]} has trained on every "
+                                 + ("item" if warm is None else f"warm item ({n_pool}; fewer with --cold-items)")
+                                 + ": no negative to sample")
 
     init, pre = {}, {}
     if model == "mmcpr":

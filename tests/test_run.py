@@ -70,6 +70,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2 and "--tau must be at least 0.025" in p.stderr and "Traceback" not in p.stderr
     p = run("--data", data, "--modality-dropout", "1")
     assert p.returncode == 2 and "--modality-dropout must be in [0, 1)" in p.stderr
+    full = tmp_path / "full"  # user 0 has trained on all four items
+    full.mkdir()
+    (full / "full.inter").write_text("userID\titemID\tx_label\n0\t0\t0\n0\t1\t0\n0\t2\t0\n0\t3\t0\n"
+                                     "1\t0\t0\n1\t1\t1\n1\t2\t2\n")
+    p = run("--data", full, "--model", "mf")
+    assert p.returncode == 2 and p.stderr.strip() == "error: full: user 0 has trained on every item: no negative to sample"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
