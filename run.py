@@ -217,7 +217,7 @@ def run(args, data, model, load_seconds, out):
     full = np.flatnonzero(np.bincount(data["train"][0], minlength=data["n_users"]) >= n_pool)
     if len(full):  # training pairs are unique, so this user has every item: no negative to sample
         raise features.DataError(f"{data['name']}: user {full[0]} has trained on every "
-                                 + ("item" if warm is None else f"warm item ({n_pool}; fewer with --cold-items)")
+                                 + ("item" if warm is None else f"warm item ({n_pool} once --cold-items holds the new ones out)")
                                  + ": no negative to sample")
 
     init, pre = {}, {}
