@@ -216,9 +216,8 @@ def run(args, data, model, load_seconds, out):
     n_pool = data["n_items"] if warm is None else len(warm)  # the items a negative is drawn from
     full = np.flatnonzero(np.bincount(data["train"][0], minlength=data["n_users"]) >= n_pool)
     if len(full):  # training pairs are unique, so this user has every item: no negative to sample
-        raise features.DataError(f"{data['name']}: user {full[0]} has trained on every "
-                                 + ("item" if warm is None else f"warm item ({n_pool} once --cold-items holds the new ones out)")
-                                 + ": no negative to sample")
+        pool = "item" if warm is None else f"warm item ({n_pool} once --cold-items holds the new ones out)"
+        raise features.DataError(f"{data['name']}: user {full[0]} has trained on every {pool}: no negative to sample")
 
     init, pre = {}, {}
     if model == "mmcpr":
