@@ -235,8 +235,8 @@ def fit_scale(net, node):
     x = (u * i).sum(1) - (u * j).sum(1)  # [P] s_ui - s_uj
     if not torch.isfinite(x).all():
         raise FloatingPointError("non-finite scores in the start")
-    if (x > 0).all() or (x == 0).all():
-        return 1.0  # separable or flat: no finite optimum, the start stays as it is
+    if (x >= 0).all():
+        return 1.0  # no positive ranked below its negative: the loss falls as q grows, no finite optimum
     loss = lambda log_q: F.softplus(-np.exp(log_q) * x).mean().item()
     lo, hi = np.log(1e-6), np.log(1e6)
     for _ in range(80):  # each round keeps 2/3 of the interval: (2/3)^80 * 28 < 1e-12
@@ -271,7 +271,8 @@ def fit_content_head(X, item_emb, fit_items, user_emb, train_pairs, evaluator, r
     there is. Two scores, fitted on the items with training pairs:
 
     1. a linear head into the trained space (DeepMusic's regression): W = argmin |X W - E|²
-       + ridge |W|² maps content X [n_items, F] to the final item embeddings E [n_items, d],
+       + ridge |W|² maps content X [n_items, F + 1] (content_matrix's: its last column the
+       bias, shrunk like the rest) to the final item embeddings E [n_items, d],
        and s_head(u, i) = e_u . x_i W, the users unchanged;
     2. a content profile (content-kNN): p_u = the normalised mean of the content x̂ (X less its
        bias column, normalised) of u's training items, and s_prof(u, i) = p_u . x̂_i; on the user

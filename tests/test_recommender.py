@@ -120,9 +120,15 @@ def test_ndcg_is_one_when_relevant_items_come_first(data):
     ie = np.eye(n_items, dtype=np.float32)
     ue = np.zeros((n_users, n_items), np.float32)
     ue[target] = 1.0 + np.random.default_rng(0).random(len(target[0]))
-    m = rec.Evaluator(n_items, train, target, ks=(n_items,)).evaluate(torch.tensor(ue), torch.tensor(ie))
-    assert m[f"ndcg@{n_items}"] == pytest.approx(1.0)
-    assert m[f"recall@{n_items}"] == pytest.approx(1.0)
+    k = int(np.bincount(target[0]).max())  # a cut-off no larger than the longest list of relevant items
+    m = rec.Evaluator(n_items, train, target, ks=(k,)).evaluate(torch.tensor(ue), torch.tensor(ie))
+    assert m[f"ndcg@{k}"] == pytest.approx(1.0)
+    assert m[f"recall@{k}"] == pytest.approx(1.0)
+    # reversed, the relevant items come last among the untrained ones: NDCG@k drops below 1
+    worst = rec.Evaluator(n_items, train, target, ks=(k,)).evaluate(torch.tensor(-ue), torch.tensor(ie))
+    n_untrained = n_items - np.bincount(train[0], minlength=n_users)[np.unique(target[0])]
+    if (n_untrained > k).any():  # some user has more than k items to rank: at least one of theirs falls out
+        assert worst[f"ndcg@{k}"] < 1.0
 
 
 @SETTINGS
@@ -361,7 +367,7 @@ def test_fit_scale_minimises_the_bpr_loss_and_is_scale_equivariant(data, model, 
     s = rec.fit_scale(make(1.0), node)
     u, i, j = torch.nn.functional.embedding(node, make(1.0)().detach().double())
     x = (u * i).sum(1) - (u * j).sum(1)
-    if (x > 0).all() or (x == 0).all():  # separable or flat: no finite optimum, the start is kept
+    if (x >= 0).all():  # no positive below its negative: no finite optimum, the start is kept
         assert s == 1.0
         return
     assert s > 0
@@ -371,6 +377,13 @@ def test_fit_scale_minimises_the_bpr_loss_and_is_scale_equivariant(data, model, 
     q = s * s  # searched in [1e-6, 1e6]; inside, the fit is equivariant: a start c times larger gets s / c
     assume(1e-5 < q * min(1, c ** -2) and q * max(1, c ** -2) < 1e5)
     assert rec.fit_scale(make(c), node) == pytest.approx(s / c, rel=1e-3)
+
+
+def test_fit_scale_keeps_a_start_with_no_positive_below_its_negative():
+    """x = s_ui - s_uj = [0, 1]: the BPR loss falls as the scale grows, with no finite optimum."""
+    net = rec.MF(1, 3, 1, np.array([[1.0]], np.float32), np.array([[1.0], [1.0], [0.0]], np.float32))
+    node = torch.tensor([[0, 0], [1, 1], [2, 3]])  # (u, i, j): (0, 0, 1) ties, (0, 0, 2) is ranked right
+    assert rec.fit_scale(net, node) == 1.0
 
 
 def test_rescaled_start_ranks_as_before():
@@ -422,6 +435,12 @@ def test_items_outside_the_catalogue_are_never_negatives_nor_ranked(model):
     assert r["best_epoch"] > 0
     scale = 1 if model == "mf" else 1 / 3  # a LightGCN item without edges: its layer 0 averaged with zeros
     np.testing.assert_allclose(r["item_emb"][60:], init[60:] * scale, rtol=1e-6)  # no gradient ever reached them
+    # not ranked: valid is the pool's ranking, whatever the new items score, even at the top of every list
+    ue, ie = r["user_emb"], r["item_emb"].copy()
+    ie[60:] = 100 * ue.mean(0) / np.linalg.norm(ue.mean(0))
+    ev = lambda **kw: rec.Evaluator(n_items, train, target, **kw).evaluate(torch.tensor(ue), torch.tensor(ie))
+    assert ev(candidates=pool) == pytest.approx(r["valid"])
+    assert ev()["recall@10"] < r["valid"]["recall@10"]
     keys = np.unique(train[0] * n_items + train[1])
     negs = rec.sample_negatives(np.repeat(np.arange(n_users), 50), keys, n_items, rng, pool)
     assert np.isin(negs, pool).all()
