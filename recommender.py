@@ -282,23 +282,23 @@ def fit_content_head(X, item_emb, fit_items, user_emb, train_pairs, evaluator, r
     The strength is kept first (β = 0), then β, each the best Recall@20 on `evaluator`
     (cold-valid: new items, never test); β = 0 keeps the head alone. One eigendecomposition
     of XᵀX serves every strength.
-    Returns (user vectors [n_users, d + F'], item vectors [n_items, d + F'], dict(ridge, beta,
+    Returns (user vectors [n_users, d + F], item vectors [n_items, d + F], dict(ridge, beta,
     ridge_grid, beta_grid: {value: valid Recall@20})), the vectors float32 on user_emb's device."""
     device = user_emb.device
     X, E = X.to(device), torch.as_tensor(item_emb, device=device, dtype=torch.float64)
     fit = torch.as_tensor(fit_items, device=device)
     e, Q = torch.linalg.eigh(X[fit].T @ X[fit])  # XᵀX = Q diag(e) Qᵀ
-    XQ, QtXtE = X @ Q, Q.T @ (X[fit].T @ E[fit])  # [n_items, F], [F, d]
+    XQ, QtXtE = X @ Q, Q.T @ (X[fit].T @ E[fit])  # [n_items, F + 1], [F + 1, d]
     heads = {lam: (XQ @ (QtXtE / (e + lam)[:, None])).float() for lam in ridge}  # X (XᵀX + λI)⁻¹ XᵀE
     ridge_grid = {lam: evaluator.evaluate(user_emb, h)["recall@20"] for lam, h in heads.items()}
     lam = max(ridge_grid, key=ridge_grid.get)
     u, i = (torch.as_tensor(np.asarray(a, np.int64), device=device) for a in train_pairs)
-    x = F.normalize(X[:, :-1].float(), dim=1)  # [n_items, F - 1]
+    x = F.normalize(X[:, :-1].float(), dim=1)  # [n_items, F]
     p = F.normalize(torch.zeros(len(user_emb), x.shape[1], device=device).index_add_(0, u, x[i]), dim=1)
     sd_head = (user_emb[u] * heads[lam][i]).sum(1).std().clamp_min(1e-12)  # over the training pairs
     sd_prof = (p[u] * x[i]).sum(1).std().clamp_min(1e-12)
     items = torch.cat([heads[lam], x], 1)
-    users = lambda b: torch.cat([user_emb / sd_head, b * p / sd_prof], 1)  # built per β, not kept: [U, d + F']
+    users = lambda b: torch.cat([user_emb / sd_head, b * p / sd_prof], 1)  # built per β, not kept: [U, d + F]
     beta_grid = {b: evaluator.evaluate(users(b), items)["recall@20"] for b in profile}
     beta = max(beta_grid, key=beta_grid.get)
     log("new items, cold-valid recall@20 by ridge strength: " + ", ".join(f"{k:g}: {r:.4f}" for k, r in ridge_grid.items())
