@@ -48,8 +48,11 @@ class DataError(Exception):
 def _read_inter(path):
     """(users, items, x_label) int64 arrays from an MMRec .inter file."""
     name = os.path.basename(path)
-    with open(path) as f:
-        header = f.readline().rstrip("\r\n").split("\t")
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().rstrip("\r\n").split("\t")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     cols = []
     for col in ("userID", "itemID", "x_label"):
         if col not in header:
@@ -58,7 +61,10 @@ def _read_inter(path):
     try:
         with warnings.catch_warnings():  # an empty file is reported below, as one line
             warnings.simplefilter("ignore", UserWarning)
-            raw = np.loadtxt(path, delimiter="\t", skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
+            raw = np.loadtxt(path, delimiter="\t", skiprows=1, usecols=cols, dtype=np.float64, ndmin=2,
+                             encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except ValueError as e:
         raise DataError(f"{name}: unreadable row ({str(e).splitlines()[-1]})") from None
     if len(raw) == 0:
@@ -79,7 +85,7 @@ def _read_feat(path, n_rows, what):
     name = os.path.basename(path)
     try:
         x = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
         raise DataError(f"{name}: not a numpy array file ({e})") from None
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{name}: expected a 2-d numeric array, got shape {x.shape} dtype {x.dtype}")
@@ -658,10 +664,18 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
         log(f"{name}: conversion and features up to date ({MANIFEST}); rebuild=True redoes them")
         return dict(encode_seconds={}, encode_per_second={})
 
-    def save(f, x, inputs, write=np.save, **extra):
-        _atomic(os.path.join(folder, f), lambda fh: write(fh, x))
-        manifest[f] = dict(inputs=inputs, shape=list(x.shape), **extra)
+    def save(f, x, inputs, write=np.save, **extra):  # x None: nothing was readable, no older file may stay
+        if x is None:
+            drop(f)
+        else:
+            _atomic(os.path.join(folder, f), lambda fh: write(fh, x))
+            manifest[f] = dict(inputs=inputs, shape=list(x.shape), **extra)
         _atomic(mpath, lambda fh: fh.write(json.dumps(manifest, indent=1).encode()))
+
+    def drop(f):
+        if os.path.exists(os.path.join(folder, f)):
+            os.remove(os.path.join(folder, f))
+        manifest.pop(f, None)
 
     users, items, texts, rating, times = _read_reviews(reviews_path)
     (user_ids, users), (item_ids, items) = (np.unique(a, return_inverse=True) for a in (users, items))
@@ -695,9 +709,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
              digests=digests)
     expected = feature_inputs(**digests)
     for f in [f for f in manifest if f.endswith(("_feat.npy", "_tag.npy")) and f not in expected]:  # source gone
-        if os.path.exists(os.path.join(folder, f)):
-            os.remove(os.path.join(folder, f))
-        del manifest[f]
+        drop(f)
     stale = [f for f, x in expected.items() if not fresh(f, x)]
     seconds, rate = {}, {}
 
@@ -712,8 +724,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
     if "text_feat.npy" in stale:
         meta = _read_items(items_path, set(item_ids))
         x = run("text", encode, [meta.get(i) or None for i in item_ids], "item texts", key=len)
-        if x is not None:
-            save("text_feat.npy", x, expected["text_feat.npy"])
+        save("text_feat.npy", x, expected["text_feat.npy"])
     if "review_feat.npy" in stale:
         x = run("review", encode, list(texts[train]), "training reviews", key=len)
         # each user's mean; a user with no training review gets the mean of all of them
@@ -731,8 +742,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
         files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(image_dir)) if f.lower().endswith(IMAGE_EXT)}
         paths = [os.path.join(image_dir, files[i]) if i in files else None for i in item_ids]
         x = run("image", _image_encoder(image_encoder, device, precision), paths, "item images")
-        if x is not None:
-            save("image_feat.npy", x, expected["image_feat.npy"])
+        save("image_feat.npy", x, expected["image_feat.npy"])
     return dict(encode_seconds=seconds, encode_per_second=rate)
 
 

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     a("--model", choices=("mmcpr", "mf", "lightgcn"), default="mmcpr",
       help="mmcpr: pre-train, then fine-tune --recommender; mf, lightgcn: that baseline alone")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    a("--seed", type=int, default=0, help="training seed (never changes the split)")
+    a("--seed", type=int, default=0, help="training seed (never changes the split; the demo: also draws its data)")
     a("--out", help="output folder (default runs/<dataset>-<model>-s<seed>-<digest of the settings>; "
                     "the demo: OUT/<that name>)")
     a("--topk", default="10,20,50", help="comma-separated cut-offs K")
@@ -124,8 +124,16 @@ def parse_args(argv=None):
         p.error("--id-dropout must be in [0, 1)")
     if not 0 <= args.cold_items < 1:
         p.error("--cold-items must be in [0, 1)")
-    if args.tau < 0.025:
+    if not 0.025 <= args.tau < np.inf:
         p.error("--tau must be at least 0.025 (below, float32 exp underflows in the InfoNCE)")
+    if args.seed < 0 or args.split_seed < 0:
+        p.error("--seed and --split-seed must be at least 0")
+    for name in ("lr", "pretrain_lr"):
+        if getattr(args, name) is not None and not 0 < getattr(args, name) < np.inf:
+            p.error(f"--{name.replace('_', '-')} must be a positive number")
+    for name in ("pretrain_l2", "lambda_align"):
+        if not 0 <= getattr(args, name) < np.inf:
+            p.error(f"--{name.replace('_', '-')} must be a non-negative number")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -139,6 +147,15 @@ def run_name(args, dataset, model):
     settings.update(model=model, data=os.path.abspath(args.data) if args.data else None)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{dataset}-{model}" + (f"+{args.recommender}" if model == "mmcpr" else "") + f"-s{args.seed}-{digest}"
+
+
+def check_writable(path):
+    """Fail before training, not after it: the nearest existing folder on `path` must be writable."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not (os.path.isdir(p) and os.access(p, os.W_OK)):
+        raise PermissionError(f"cannot write the output folder {path}: {p} is not a writable folder")
 
 
 def write_atomic(folder, outputs):
@@ -307,7 +324,8 @@ def run(args, data, model, load_seconds, out):
 def main(argv=None):
     args = parse_args(argv)
     folder, models = args.data, [args.model]
-    try:  # the user's input and set-up: a missing file or package, bad data
+    try:  # the user's input and set-up: a missing file or package, bad data, nowhere to write
+        check_writable(args.out or "runs")
         if folder is None:  # the embedded demo: synthetic raw data, then the baselines against MMCPR
             folder, models = os.path.join(args.out or "runs", f"demo-data-{args.seed}"), ["mf", "lightgcn", "mmcpr"]
             print(f"no --data: running the offline demo on SYNTHETIC data generated in {folder}/")

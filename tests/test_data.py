@@ -106,12 +106,22 @@ def test_folder_problems(tmp_path):
     ("text_feat.npy", np.full((4, 3), np.nan), "text_feat.npy: contains NaN or inf"),
     ("audio_feat.npy", np.array([[1.0, np.inf]] * 4), "audio_feat.npy: contains NaN or inf"),
     ("image_feat.npy", np.ones(4), "expected a 2-d numeric array"),
+    ("image_feat.npy", None, "image_feat.npy: not a numpy array file"),  # an empty file
     ("img.v2_feat.npy", np.ones((4, 3)), r"img\.v2_feat\.npy: modality names may use letters, digits and _ only"),
 ])
 def test_bad_feature_files(tmp_path, name, array, message):
     write(tmp_path)
-    np.save(tmp_path / name, array)
+    if array is None:
+        (tmp_path / name).write_bytes(b"")
+    else:
+        np.save(tmp_path / name, array)
     with pytest.raises(features.DataError, match=message):
+        load(tmp_path)
+
+
+def test_inter_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "toy.inter").write_bytes(b"userID\titemID\tx_label\n0\t0\t0\n\xff\xfe\t1\t0\n")
+    with pytest.raises(features.DataError, match=r"^toy\.inter: not UTF-8 text"):
         load(tmp_path)
 
 

@@ -383,6 +383,19 @@ def test_meta_with_python_literals(tmp_path, tiny):
         convert(folder, tiny)
 
 
+def test_a_modality_with_nothing_left_to_encode_leaves_no_stale_file(tmp_path, tiny):
+    folder = tmp_path / "shop"
+    write_jsonl(folder / "reviews.jsonl", reviews([4, 4], n_items=4))
+    write_jsonl(folder / "items.jsonl", [dict(item=f"i{k}", title=f"thing {k}") for k in range(4)])
+    convert(folder, tiny)
+    assert set(load_mmrec(folder, log=lambda s: None)["item_feats"]) == {"text"}
+    write_jsonl(folder / "items.jsonl", [dict(item=f"i{k}", title="") for k in range(4)])  # every text gone
+    logs = []
+    convert(folder, tiny, logs)
+    assert "no item texts to encode" in logs and not (folder / "text_feat.npy").exists()
+    assert load_mmrec(folder, log=lambda s: None)["item_feats"] == {}
+
+
 def test_item_tags_from_metadata(tmp_path, tiny):
     """Categories (2014's nested lists, 2018's flat list) and a title's closing year, each as a
     multi-hot block over the tags two or more items have; the ids are the items' sorted order."""

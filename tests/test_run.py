@@ -78,6 +78,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2 and p.stderr.strip() == "error: full: user 0 has trained on every item: no negative to sample"
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", "-1"], "--seed and --split-seed must be at least 0"),
+    (["--split-seed", "-3"], "--seed and --split-seed must be at least 0"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--pretrain-lr", "nan"], "--pretrain-lr must be a positive number"),
+    (["--pretrain-l2=-1e-3"], "--pretrain-l2 must be a non-negative number"),
+    (["--lambda-align", "inf"], "--lambda-align must be a non-negative number"),
+    (["--tau", "nan"], "--tau must be at least 0.025"),
+])
+def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
+    sys.path.insert(0, str(ROOT))
+    import run as run_module
+    with pytest.raises(SystemExit) as e:
+        run_module.parse_args(["--data", "anywhere", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file_fails_before_training(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import run as run_module
+    (tmp_path / "taken").write_text("")
+    args = ["--data", str(make_dataset(tmp_path / "toy")), "--model", "mf", "--epochs", "1"]
+    assert run_module.main([*args, "--out", str(tmp_path / "taken" / "out")]) == 2
+    err = capsys.readouterr()
+    assert "taken is not a writable folder" in err.err and "epoch" not in err.out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path):
     p = run("--data", make_dataset(tmp_path / "toy"), "--device", "cuda")
