@@ -237,10 +237,10 @@ def bce_loss(pos_logits, neg_logits):
     return (F.softplus(-pos_logits).sum() + F.softplus(neg_logits).sum()) / n
 
 
-def sample_negatives(keys, users, n_items, n_neg, rng, pool=None):
+def sample_negatives(users, keys, n_items, n_neg, rng, pool=None):
     """n_neg items per user, uniform over the items of `pool` (int64 ids, default all) the user
     has NOT interacted with in training. A new item stays out of the pool: unknown, not disliked.
-    keys: sorted int64 u * n_items + i of the training pairs; users: [B] -> [B, n_neg] int64.
+    users: [B] -> [B, n_neg] int64; keys: sorted int64 u * n_items + i of the training pairs.
     Rejection in rounds, redrawing only collisions; every user must miss at least one item."""
     draw = (lambda n: rng.integers(0, n_items, n)) if pool is None else (lambda n: pool[rng.integers(0, len(pool), n)])
     u = np.repeat(np.asarray(users, np.int64), n_neg)
@@ -404,7 +404,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         total = np.zeros(3)                                            # bce, align, total
         for s in range(0, len(perm), batch):
             idx = perm[s:s + batch]
-            j = sample_negatives(keys, users[idx], n_items, neg, rng, pool)  # [B, neg]
+            j = sample_negatives(users[idx], keys, n_items, neg, rng, pool)  # [B, neg]
             u, i, j = (torch.from_numpy(x.astype(np.int64)).to(device) for x in (users[idx], items[idx], j))
             h_u, h_i, E_u, E_i, _, _ = model(id_dropout)
             z = dict(zip(model.content, E_i[:, 1:].unbind(1)))         # item content projections [I, d]

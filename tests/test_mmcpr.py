@@ -350,7 +350,7 @@ def test_sample_negatives_never_returns_a_training_positive(seed, n_users, n_ite
         return
     rng = np.random.default_rng(seed)
     users = rng.integers(0, n_users, 37)
-    neg = mmcpr.sample_negatives(keys, users, n_items, n_neg, rng)
+    neg = mmcpr.sample_negatives(users, keys, n_items, n_neg, rng)
     assert neg.shape == (37, n_neg) and neg.dtype == np.int64
     assert ((neg >= 0) & (neg < n_items)).all()
     assert not R[np.repeat(users, n_neg), neg.ravel()].any()
