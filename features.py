@@ -48,17 +48,14 @@ class DataError(Exception):
 def _read_inter(path):
     """(users, items, x_label) int64 arrays from an MMRec .inter file."""
     name = os.path.basename(path)
-    try:
+    try:  # the header, then the rows: one UTF-8 check for both
         with open(path, encoding="utf-8") as f:
             header = f.readline().rstrip("\r\n").split("\t")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    cols = []
-    for col in ("userID", "itemID", "x_label"):
-        if col not in header:
-            raise DataError(f"{name}: missing column '{col}' (header: {' '.join(header)})")
-        cols.append(header.index(col))
-    try:
+        cols = []
+        for col in ("userID", "itemID", "x_label"):
+            if col not in header:
+                raise DataError(f"{name}: missing column '{col}' (header: {' '.join(header)})")
+            cols.append(header.index(col))
         with warnings.catch_warnings():  # an empty file is reported below, as one line
             warnings.simplefilter("ignore", UserWarning)
             raw = np.loadtxt(path, delimiter="\t", skiprows=1, usecols=cols, dtype=np.float64, ndmin=2,
