@@ -59,6 +59,10 @@ def parse_args(argv=None):
     g.add_argument("--batch", type=int, default=2048, help="training triples per BPR step")
     g.add_argument("--no-rescale", action="store_true",
                    help="fine-tune the pre-trained start at its own scale, not the one that fits BPR")
+    g.add_argument("--start", choices=("pretrained", "best"), default="pretrained",
+                   help="mmcpr: the fine-tuning's start. best: also train the recommender from its own random "
+                        "start at the kept L2 (the baseline alone, bit for bit) and keep whichever start scores "
+                        "the higher valid Recall@20, so the pre-training is kept only where valid says it helps")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=100)
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
@@ -262,19 +266,22 @@ def run(args, data, model, load_seconds, out):
 
     # The L2 grid (MMRec's convention): every value fine-tunes the same start with early stopping,
     # and the one with the best valid Recall@20 is kept, its test metrics the result. Test is never read to choose.
+    def fine_tune(l2, init):
+        try:
+            return recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
+                                     model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=l2,
+                                     batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
+                                     rescale=not args.no_rescale, items=warm,
+                                     device=args.device, seed=args.seed, log=print, **init)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{downstream} with l2 {l2:g}: {e} (try a lower --lr)") from None
+
     t = time.perf_counter()
     l2s, grid, res, eval_seconds = args.l2 or (recommender.TUNED[downstream]["l2"],), [], None, 0.0
     for k, l2 in enumerate(l2s):
         if len(l2s) > 1:
             print(f"--- {downstream} with l2 {l2:g} ({k + 1} of {len(l2s)})")
-        try:
-            r = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
-                                  model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=l2,
-                                  batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
-                                  rescale=not args.no_rescale, items=warm,
-                                  device=args.device, seed=args.seed, log=print, **init)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{downstream} with l2 {l2:g}: {e} (try a lower --lr)") from None
+        r = fine_tune(l2, init)
         grid.append({"l2": l2, "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
         eval_seconds += sum(r["eval_seconds"])
         if res is None or r["valid"]["recall@20"] > res["valid"]["recall@20"]:
@@ -282,6 +289,16 @@ def run(args, data, model, load_seconds, out):
     if len(l2s) > 1:
         print(f"l2 kept: {kept:g}, the best valid recall@20 of the grid ("
               + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
+    start = "pretrained" if init else None
+    if init and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
+        print(f"--- {downstream} from its own random start, l2 {kept:g}")
+        r = fine_tune(kept, {})
+        eval_seconds += sum(r["eval_seconds"])
+        start = "scratch" if r["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
+        print(f"start kept: {start} (valid recall@20: pre-trained {res['valid']['recall@20']:.4f}, "
+              f"own random start {r['valid']['recall@20']:.4f})")
+        grid.append({"l2": kept, "start": "scratch", "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
+        res = r if start == "scratch" else res
     timings["eval"] = eval_seconds
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
     cold = data["cold"] and cold_start(args, data, model, item_feats, res, timings)
@@ -289,7 +306,7 @@ def run(args, data, model, load_seconds, out):
 
     metrics = dict(
         dataset=data["name"], model=model, recommender=downstream, seed=args.seed, device=args.device,
-        l2=kept, grid=grid, best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], start_scale=res["scale"], timings_s=timings,
+        l2=kept, start=start, grid=grid, best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], start_scale=res["scale"], timings_s=timings,
         encode_seconds=data.get("encode_seconds", {}),
         seconds_per_epoch=dict(finetune=float(np.mean(res["epoch_seconds"])) if res["epoch_seconds"] else None,
                                eval=float(np.mean(res["eval_seconds"])),

@@ -404,3 +404,50 @@ def test_l2_default_is_the_grid_and_names_the_run(tmp_path):
     assert len(names) == 3
     p = run("--data", make_dataset(tmp_path / "toy"), "--l2", "1e-2,x")
     assert p.returncode == 2 and "--l2 must be non-negative numbers" in p.stderr
+
+
+def test_start_best_keeps_the_valid_best_start_and_its_twin_is_the_baseline(tmp_path):
+    """--start best: the scratch twin is the baseline alone, bit for bit, and the kept start is
+    the one with the higher valid Recall@20 (pre-trained on a tie)."""
+    sys.path.insert(0, str(ROOT))
+    import features
+    import run as run_module
+
+    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    flags = ["--data", "x", "--epochs", "4", "--patience", "2", "--l2", "1e-2,1e-1", "--topk", "20"]
+    base = run_module.run(run_module.parse_args(flags), data, "lightgcn", 0.0, str(tmp_path / "a"))
+    m = run_module.run(run_module.parse_args(flags + ["--pretrain-epochs", "2", "--start", "best"]), data, "mmcpr",
+                       0.0, str(tmp_path / "b"))
+    pre, twin = [g for g in m["grid"] if g["l2"] == m["l2"]]
+    assert twin["start"] == "scratch" and "start" not in pre
+    assert twin["valid_recall@20"] == [g for g in base["grid"] if g["l2"] == m["l2"]][0]["valid_recall@20"]
+    scratch_wins = twin["valid_recall@20"] > pre["valid_recall@20"]
+    assert m["start"] == ("scratch" if scratch_wins else "pretrained")
+    assert m["valid"]["recall@20"] == max(pre["valid_recall@20"], twin["valid_recall@20"])
+    if scratch_wins and m["l2"] == base["l2"]:
+        assert m["test"] == base["test"] and m["start_scale"] is None
+
+
+@pytest.mark.parametrize("pretrained_valid,want", [(0.30, "pretrained"), (0.20, "scratch"), (0.25, "pretrained")])
+def test_start_best_reads_valid_not_test(tmp_path, monkeypatch, pretrained_valid, want):
+    sys.path.insert(0, str(ROOT))
+    import features
+    import recommender
+    import run as run_module
+
+    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+
+    def fake_train(n_users, n_items, *args, l2, user_init=None, **kwargs):
+        v, t = (pretrained_valid, 0.1) if user_init is not None else (0.25, 0.9)  # test always prefers scratch
+        return dict(best_epoch=1, valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": t, "ndcg@20": t}, scale=None,
+                    user_emb=np.zeros((n_users, 4), np.float32), item_emb=np.zeros((n_items, 4), np.float32),
+                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+
+    monkeypatch.setattr(recommender, "train", fake_train)
+    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
+                                  "--start", "best"])
+    m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))
+    assert m["start"] == want
+    assert m["test"]["recall@20"] == (0.9 if want == "scratch" else 0.1)
+    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20"])
+    assert run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))["start"] == "pretrained"
