@@ -181,12 +181,15 @@ def write_atomic(folder, outputs):
                 os.unlink(tmp)
 
 
-def cold_start(args, data, model, item_feats, res, timings):
+def cold_start(args, data, model, item_feats, trained, timings):
     """The item cold-start task: rank the new items of cold-valid and cold-test by their content
-    alone, through recommender.fit_content_head into the trained model's space (MMCPR only).
+    alone, through recommender.fit_content_head into a trained model's space (MMCPR only).
     Content: the item modalities and, unless --no-tags, the item tags (categories, release
     year; a block each). The paper's text modality holds those words too, through a sentence
     encoder; read as tags they are worth more to a linear head (README, New items).
+    `trained`: {start: train()'s result}, the fine-tuned models to serve from (--start best: the
+    pre-trained start's and the random start's); the one whose head scores the best cold-valid
+    Recall@20 is kept, as the cold task's settings are chosen on cold-valid alone.
     Returns metrics.json's "cold" entry."""
     c = data["cold"]
     out = dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None, test=None,
@@ -201,10 +204,17 @@ def cold_start(args, data, model, item_feats, res, timings):
     fit_items = np.unique(data["train"][1])  # the items with a trained embedding
     tags = {} if args.no_tags else {f"{b} tags": x for b, x in data["item_tags"].items()}
     X = recommender.content_matrix({**item_feats, **tags}, fit_items)  # tags: a block each, as a modality
-    users, items, fit = recommender.fit_content_head(X, res["item_emb"], fit_items,
-                                                     torch.as_tensor(res["user_emb"], device=args.device),
-                                                     data["train"], ev["valid"])
-    out.update(content=list(item_feats) + list(tags), ridge=fit["ridge"], profile_weight=fit["beta"],
+    heads = {start: recommender.fit_content_head(X, res["item_emb"], fit_items,
+                                                 torch.as_tensor(res["user_emb"], device=args.device),
+                                                 data["train"], ev["valid"])
+             for start, res in trained.items()}
+    valid = {start: fit["beta_grid"][fit["beta"]] for start, (_, _, fit) in heads.items()}
+    start = max(valid, key=valid.get)  # on a tie the first, the pre-trained start
+    users, items, fit = heads[start]
+    if len(heads) > 1:
+        print(f"new items, start kept: {start} (cold-valid recall@20: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()) + ")")
+    out.update(content=list(item_feats) + list(tags), start=start, ridge=fit["ridge"], profile_weight=fit["beta"],
                ridge_grid={f"{k:g}": r for k, r in fit["ridge_grid"].items()},
                profile_grid={f"{k:g}": r for k, r in fit["beta_grid"].items()})
     out["valid"], out["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))
@@ -289,19 +299,19 @@ def run(args, data, model, load_seconds, out):
     if len(l2s) > 1:
         print(f"l2 kept: {kept:g}, the best valid recall@20 of the grid ("
               + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
-    start = "pretrained" if init else None
+    start, trained = ("pretrained" if init else None), {"pretrained": res}
     if init and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
         print(f"--- {downstream} from its own random start, l2 {kept:g}")
-        r = fine_tune(kept, {})
+        trained["scratch"] = r = fine_tune(kept, {})
         eval_seconds += sum(r["eval_seconds"])
         start = "scratch" if r["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
         print(f"start kept: {start} (valid recall@20: pre-trained {res['valid']['recall@20']:.4f}, "
               f"own random start {r['valid']['recall@20']:.4f})")
         grid.append({"l2": kept, "start": "scratch", "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
-        res = r if start == "scratch" else res
+        res = trained[start]
     timings["eval"] = eval_seconds
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
-    cold = data["cold"] and cold_start(args, data, model, item_feats, res, timings)
+    cold = data["cold"] and cold_start(args, data, model, item_feats, trained, timings)  # its own start, on cold-valid
     timings["total"] = load_seconds + time.perf_counter() - t0
 
     metrics = dict(

@@ -451,3 +451,51 @@ def test_start_best_reads_valid_not_test(tmp_path, monkeypatch, pretrained_valid
     assert m["test"]["recall@20"] == (0.9 if want == "scratch" else 0.1)
     args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20"])
     assert run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))["start"] == "pretrained"
+
+
+def test_start_best_picks_the_new_items_start_on_cold_valid(tmp_path):
+    """The cold task chooses its own start, on cold-valid: never below the pre-trained start's
+    head there, and identical to it when that start is kept."""
+    data, m = make_dataset(tmp_path / "toy"), {}
+    for flag in ("pretrained", "best"):
+        out = tmp_path / flag
+        p = run("--data", data, "--device", "cpu", "--epochs", "3", "--pretrain-epochs", "2", "--cold-items", "0.25",
+                "--start", flag, "--out", out)
+        assert p.returncode == 0, p.stderr
+        m[flag] = json.loads((out / "metrics.json").read_text())
+    a, b = m["pretrained"]["cold"], m["best"]["cold"]
+    assert a["start"] == "pretrained" and b["start"] in ("pretrained", "scratch")
+    assert b["valid"]["recall@20"] >= a["valid"]["recall@20"]
+    if b["start"] == "pretrained":
+        assert b["test"] == a["test"] and b["ridge_grid"] == a["ridge_grid"]
+
+
+@pytest.mark.parametrize("cold_valid,want", [({1.0: 0.4, 2.0: 0.3}, "pretrained"), ({1.0: 0.3, 2.0: 0.4}, "scratch"),
+                                             ({1.0: 0.4, 2.0: 0.4}, "pretrained")])
+def test_new_items_start_is_chosen_on_cold_valid_alone(tmp_path, monkeypatch, cold_valid, want):
+    """Warm valid prefers the pre-trained start here; the cold task still keeps its own best."""
+    sys.path.insert(0, str(ROOT))
+    import features
+    import recommender
+    import run as run_module
+
+    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), cold_items=0.25, log=lambda s: None)
+
+    def fake_train(n_users, n_items, *args, user_init=None, **kwargs):
+        v, e = (0.3, 1.0) if user_init is not None else (0.2, 2.0)  # item_emb marks the start
+        return dict(best_epoch=1, valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": v, "ndcg@20": v},
+                    scale=None, user_emb=np.ones((n_users, 4), np.float32), item_emb=np.full((n_items, 4), e, np.float32),
+                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+
+    def fake_head(X, item_emb, *args, **kwargs):
+        e = float(item_emb[0, 0])
+        fit = dict(ridge=e, beta=0.0, ridge_grid={e: cold_valid[e]}, beta_grid={0.0: cold_valid[e]})
+        return torch.ones(data["n_users"], 4), torch.full((data["n_items"], 4), e), fit
+
+    monkeypatch.setattr(recommender, "train", fake_train)
+    monkeypatch.setattr(recommender, "fit_content_head", fake_head)
+    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
+                                  "--cold-items", "0.25", "--start", "best"])
+    m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))
+    assert m["start"] == "pretrained"
+    assert m["cold"]["start"] == want and m["cold"]["ridge"] == {"pretrained": 1.0, "scratch": 2.0}[want]
