@@ -61,8 +61,9 @@ def parse_args(argv=None):
                    help="fine-tune the pre-trained start at its own scale, not the one that fits BPR")
     g.add_argument("--start", choices=("pretrained", "best"), default="pretrained",
                    help="mmcpr: the fine-tuning's start. best: also train the recommender from its own random "
-                        "start at the kept L2 (the baseline alone, bit for bit) and keep whichever start scores "
-                        "the higher valid Recall@20, so the pre-training is kept only where valid says it helps")
+                        "start at the kept L2 (on the CPU, bit for bit the baseline alone with the same flags) and "
+                        "keep the start with the higher valid Recall@20 (the new items: cold-valid), so the "
+                        "pre-training is kept only where valid says it helps")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=100)
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
@@ -138,6 +139,8 @@ def parse_args(argv=None):
     for name in ("pretrain_l2", "lambda_align"):
         if not 0 <= getattr(args, name) < np.inf:
             p.error(f"--{name.replace('_', '-')} must be a non-negative number")
+    if args.start == "best" and args.model != "mmcpr" and args.data is not None:
+        p.error(f"--start best: --model {args.model} has no pre-trained start to weigh")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -188,7 +191,7 @@ def cold_start(args, data, model, item_feats, trained, timings):
     year; a block each). The paper's text modality holds those words too, through a sentence
     encoder; read as tags they are worth more to a linear head (README, New items).
     `trained`: {start: train()'s result}, the fine-tuned models to serve from (--start best: the
-    pre-trained start's and the random start's); the one whose head scores the best cold-valid
+    pre-trained start's and the random start's, "scratch"); the one whose head scores the best cold-valid
     Recall@20 is kept, as the cold task's settings are chosen on cold-valid alone.
     Returns metrics.json's "cold" entry."""
     c = data["cold"]
@@ -208,13 +211,14 @@ def cold_start(args, data, model, item_feats, trained, timings):
                                                  torch.as_tensor(res["user_emb"], device=args.device),
                                                  data["train"], ev["valid"])
              for start, res in trained.items()}
-    valid = {start: fit["beta_grid"][fit["beta"]] for start, (_, _, fit) in heads.items()}
+    valid = {start: fit["beta_grid"][fit["beta"]] for start, (_, _, fit) in heads.items()}  # cold-valid Recall@20
     start = max(valid, key=valid.get)  # on a tie the first, the pre-trained start
     users, items, fit = heads[start]
     if len(heads) > 1:
         print(f"new items, start kept: {start} (cold-valid recall@20: "
               + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()) + ")")
-    out.update(content=list(item_feats) + list(tags), start=start, ridge=fit["ridge"], profile_weight=fit["beta"],
+    out.update(content=list(item_feats) + list(tags), start=start, start_grid=valid, ridge=fit["ridge"],
+               profile_weight=fit["beta"],
                ridge_grid={f"{k:g}": r for k, r in fit["ridge_grid"].items()},
                profile_grid={f"{k:g}": r for k, r in fit["beta_grid"].items()})
     out["valid"], out["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))
@@ -276,7 +280,7 @@ def run(args, data, model, load_seconds, out):
 
     # The L2 grid (MMRec's convention): every value fine-tunes the same start with early stopping,
     # and the one with the best valid Recall@20 is kept, its test metrics the result. Test is never read to choose.
-    def fine_tune(l2, init):
+    def fine_tune(l2, **init):
         try:
             return recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
                                      model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=l2,
@@ -291,7 +295,7 @@ def run(args, data, model, load_seconds, out):
     for k, l2 in enumerate(l2s):
         if len(l2s) > 1:
             print(f"--- {downstream} with l2 {l2:g} ({k + 1} of {len(l2s)})")
-        r = fine_tune(l2, init)
+        r = fine_tune(l2, **init)
         grid.append({"l2": l2, "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
         eval_seconds += sum(r["eval_seconds"])
         if res is None or r["valid"]["recall@20"] > res["valid"]["recall@20"]:
@@ -299,15 +303,16 @@ def run(args, data, model, load_seconds, out):
     if len(l2s) > 1:
         print(f"l2 kept: {kept:g}, the best valid recall@20 of the grid ("
               + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
-    start, trained = ("pretrained" if init else None), {"pretrained": res}
+    start = "pretrained" if init else "scratch"
+    trained, scratch = {start: res}, None  # the fine-tuned models the new items may be served from
     if init and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
-        print(f"--- {downstream} from its own random start, l2 {kept:g}")
-        trained["scratch"] = r = fine_tune(kept, {})
-        eval_seconds += sum(r["eval_seconds"])
-        start = "scratch" if r["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
-        print(f"start kept: {start} (valid recall@20: pre-trained {res['valid']['recall@20']:.4f}, "
-              f"own random start {r['valid']['recall@20']:.4f})")
-        grid.append({"l2": kept, "start": "scratch", "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
+        print(f"--- {downstream} from its own random start (scratch), l2 {kept:g}")
+        own = trained["scratch"] = fine_tune(kept)
+        eval_seconds += sum(own["eval_seconds"])
+        scratch = {"best_epoch": own["best_epoch"], "valid_recall@20": own["valid"]["recall@20"]}
+        start = "scratch" if own["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
+        print(f"start kept: {start} (valid recall@20: pretrained {res['valid']['recall@20']:.4f}, "
+              f"scratch {own['valid']['recall@20']:.4f})")
         res = trained[start]
     timings["eval"] = eval_seconds
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
@@ -316,7 +321,8 @@ def run(args, data, model, load_seconds, out):
 
     metrics = dict(
         dataset=data["name"], model=model, recommender=downstream, seed=args.seed, device=args.device,
-        l2=kept, start=start, grid=grid, best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], start_scale=res["scale"], timings_s=timings,
+        l2=kept, grid=grid, start=start, scratch=scratch, best_epoch=res["best_epoch"], valid=res["valid"],
+        test=res["test"], start_scale=res["scale"], timings_s=timings,
         encode_seconds=data.get("encode_seconds", {}),
         seconds_per_epoch=dict(finetune=float(np.mean(res["epoch_seconds"])) if res["epoch_seconds"] else None,
                                eval=float(np.mean(res["eval_seconds"])),

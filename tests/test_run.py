@@ -406,26 +406,36 @@ def test_l2_default_is_the_grid_and_names_the_run(tmp_path):
     assert p.returncode == 2 and "--l2 must be non-negative numbers" in p.stderr
 
 
-def test_start_best_keeps_the_valid_best_start_and_its_twin_is_the_baseline(tmp_path):
-    """--start best: the scratch twin is the baseline alone, bit for bit, and the kept start is
-    the one with the higher valid Recall@20 (pre-trained on a tie)."""
+def test_start_best_keeps_the_valid_best_start_and_its_twin_is_the_baseline(tmp_path, monkeypatch):
+    """--start best: the random-start twin is the baseline alone, same call and same result, and
+    the kept start is the one with the higher valid Recall@20."""
     sys.path.insert(0, str(ROOT))
     import features
+    import recommender
     import run as run_module
 
     data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
-    flags = ["--data", "x", "--epochs", "4", "--patience", "2", "--l2", "1e-2,1e-1", "--topk", "20"]
+    calls, real = [], recommender.train
+
+    def spy(*args, **kwargs):
+        r = real(*args, **kwargs)
+        calls.append((args, kwargs, r))
+        return r
+
+    monkeypatch.setattr(recommender, "train", spy)
+    flags = ["--data", "x", "--epochs", "4", "--patience", "2", "--l2", "1e-2", "--topk", "20"]
     base = run_module.run(run_module.parse_args(flags), data, "lightgcn", 0.0, str(tmp_path / "a"))
     m = run_module.run(run_module.parse_args(flags + ["--pretrain-epochs", "2", "--start", "best"]), data, "mmcpr",
                        0.0, str(tmp_path / "b"))
-    pre, twin = [g for g in m["grid"] if g["l2"] == m["l2"]]
-    assert twin["start"] == "scratch" and "start" not in pre
-    assert twin["valid_recall@20"] == [g for g in base["grid"] if g["l2"] == m["l2"]][0]["valid_recall@20"]
-    scratch_wins = twin["valid_recall@20"] > pre["valid_recall@20"]
-    assert m["start"] == ("scratch" if scratch_wins else "pretrained")
-    assert m["valid"]["recall@20"] == max(pre["valid_recall@20"], twin["valid_recall@20"])
-    if scratch_wins and m["l2"] == base["l2"]:
-        assert m["test"] == base["test"] and m["start_scale"] is None
+    (a_args, a_kw, a), (_, p_kw, p), (t_args, t_kw, t) = calls
+    assert base["start"] == "scratch" and base["scratch"] is None
+    assert "user_init" in p_kw and t_kw.keys() == a_kw.keys() and "user_init" not in t_kw
+    assert all(np.array_equal(x, y) for x, y in zip(a_args + tuple(a_kw.values()), t_args + tuple(t_kw.values())))
+    np.testing.assert_array_equal(t["item_emb"], a["item_emb"])
+    assert m["scratch"] == {"best_epoch": base["best_epoch"], "valid_recall@20": base["valid"]["recall@20"]}
+    assert m["start"] == ("scratch" if t["valid"]["recall@20"] > p["valid"]["recall@20"] else "pretrained")
+    assert m["valid"] == max(p["valid"], t["valid"], key=lambda v: v["recall@20"])
+    assert len(m["grid"]) == 1
 
 
 @pytest.mark.parametrize("pretrained_valid,want", [(0.30, "pretrained"), (0.20, "scratch"), (0.25, "pretrained")])
@@ -454,20 +464,22 @@ def test_start_best_reads_valid_not_test(tmp_path, monkeypatch, pretrained_valid
 
 
 def test_start_best_picks_the_new_items_start_on_cold_valid(tmp_path):
-    """The cold task chooses its own start, on cold-valid: never below the pre-trained start's
-    head there, and identical to it when that start is kept."""
+    """The cold task weighs both starts' heads on cold-valid; the pre-trained one is the same
+    head as without --start best."""
     data, m = make_dataset(tmp_path / "toy"), {}
     for flag in ("pretrained", "best"):
         out = tmp_path / flag
         p = run("--data", data, "--device", "cpu", "--epochs", "3", "--pretrain-epochs", "2", "--cold-items", "0.25",
                 "--start", flag, "--out", out)
         assert p.returncode == 0, p.stderr
-        m[flag] = json.loads((out / "metrics.json").read_text())
-    a, b = m["pretrained"]["cold"], m["best"]["cold"]
-    assert a["start"] == "pretrained" and b["start"] in ("pretrained", "scratch")
-    assert b["valid"]["recall@20"] >= a["valid"]["recall@20"]
-    if b["start"] == "pretrained":
-        assert b["test"] == a["test"] and b["ridge_grid"] == a["ridge_grid"]
+        m[flag] = json.loads((out / "metrics.json").read_text())["cold"]
+    a, b = m["pretrained"], m["best"]
+    assert a["start_grid"] == {"pretrained": a["valid"]["recall@20"]}
+    assert b["start_grid"]["pretrained"] == a["valid"]["recall@20"] and set(b["start_grid"]) == {"pretrained", "scratch"}
+    assert b["start"] == max(b["start_grid"], key=b["start_grid"].get)
+    assert b["valid"]["recall@20"] == b["start_grid"][b["start"]]
+    p = run("--data", data, "--model", "lightgcn", "--start", "best")
+    assert p.returncode == 2 and "--model lightgcn has no pre-trained start" in p.stderr
 
 
 @pytest.mark.parametrize("cold_valid,want", [({1.0: 0.4, 2.0: 0.3}, "pretrained"), ({1.0: 0.3, 2.0: 0.4}, "scratch"),
