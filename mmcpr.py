@@ -362,7 +362,7 @@ def load_checkpoint(path, log=print):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:                                             # truncated, corrupt, I/O: start afresh
-        reason = str(e).partition('\n')[0]
+        reason = str(e).partition('\n')[0].partition('. ')[0]  # torch's runs on for sentences
         log(f'checkpoint {path} is unreadable ({type(e).__name__}: {reason}); starting the pre-training afresh')
         return None
 

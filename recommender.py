@@ -347,7 +347,7 @@ def load_checkpoint(path, log=print):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a bad pickle, an I/O error: all mean "start afresh"
-        reason = str(e).partition("\n")[0]
+        reason = str(e).partition("\n")[0].partition(". ")[0]  # torch's runs on for sentences
         log(f"checkpoint {path} is unreadable ({type(e).__name__}: {reason}); starting this training afresh")
         return None
 
