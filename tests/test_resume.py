@@ -63,7 +63,8 @@ def test_fine_tuning_stopped_then_killed_ends_as_an_uninterrupted_one(toy, tmp_p
     d = toy[1]
     rng = np.random.default_rng(1)
     pos = (d["n_users"], d["n_items"], d["train"], d["valid"], d["test"])
-    kw = dict(model=model, epochs=12, patience=12, batch=64, lr=1e-2, l2=1e-3, ks=(20,), log=quiet,  # a start
+    # from a given start, rescaled (fit_scale) before epoch 1: a resumed training must not redo that
+    kw = dict(model=model, epochs=12, patience=12, batch=64, lr=1e-2, l2=1e-3, ks=(20,), log=quiet,
               user_init=rng.standard_normal((d["n_users"], 8)), item_init=rng.standard_normal((d["n_items"], 8)))
     want = recommender.train(*pos, **kw)
     ck = str(tmp_path / "ck.pt")
@@ -122,7 +123,7 @@ def comparable(out):
 
 
 @pytest.fixture(scope="module")
-def cold(toy, tmp_path_factory):
+def reference(toy, tmp_path_factory):
     """(args, data, uninterrupted metrics.json less timings) of the FLAGS run on the toy data."""
     folder = toy[0]
     args = run_module.parse_args(["--data", str(folder), *FLAGS])
@@ -133,8 +134,8 @@ def cold(toy, tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["pre-training", "between grid values", "fine-tuning", "the scratch twin"])
-def test_run_resumes_where_it_stopped_to_the_same_metrics(cold, tmp_path, capsys, where):
-    args, data, want = cold
+def test_run_resumes_where_it_stopped_to_the_same_metrics(reference, tmp_path, capsys, where):
+    args, data, want = reference
     out, prog = tmp_path / "out", tmp_path / "out" / "progress"
     has = lambda name: lambda: (prog / name).exists()  # noqa: E731
     grid = {"pretrain.npz", "finetune-0.001.npz", "finetune-0.1.npz"}
@@ -152,13 +153,13 @@ def test_run_resumes_where_it_stopped_to_the_same_metrics(cold, tmp_path, capsys
     run_module.run(args, data, "mmcpr", 0.0, str(out))
     log = capsys.readouterr().out
     assert comparable(out) == want
-    assert log.count("resuming the run") == 1 and "epoch   1 " not in log  # the pre-training is never redone
+    assert log.count("resuming the run") == 1 and "epoch   1 " not in log  # no pre-training epoch redone
     assert sorted(os.listdir(out)) == ["item_emb.npy", "metrics.json", "user_emb.npy"]  # the progress is gone
 
 
 @pytest.mark.parametrize("name", ["finetune-0.1.pt", "finetune-0.001.npz"])
-def test_a_half_written_progress_file_is_one_line_then_the_same_result(cold, tmp_path, capsys, name):
-    args, data, want = cold
+def test_a_half_written_progress_file_is_one_line_then_the_same_result(reference, tmp_path, capsys, name):
+    args, data, want = reference
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_module.run(args, data, "mmcpr", 0.0, str(out), stop=stop_once(lambda: (out / "progress" / name).exists()))
