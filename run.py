@@ -25,6 +25,7 @@ import torch
 import features
 import mmcpr
 import recommender
+import serve
 
 
 def parse_args(argv=None):
@@ -38,6 +39,11 @@ def parse_args(argv=None):
     a("--out", help="output folder (default runs/<dataset>-<model>-s<seed>-<digest of the settings>; "
                     "the demo: OUT/<that name>)")
     a("--topk", default="10,20,50", help="comma-separated cut-offs K")
+    a("--recommend-k", type=int, default=20, help="recommendations.tsv: each user's top K items (--serve: new items)")
+    a("--serve", metavar="RUN", help="serve new items from the finished run folder RUN (with --new-items; writes "
+                                     "--out, default RUN/new-<DIR's name>): no training")
+    a("--new-items", metavar="DIR", help="--serve: the new items, an items.jsonl or meta_<Cat>.json[l][.gz] "
+                                         "(images/ beside it), or <m>_feat.npy with item_ids.txt")
     a("--cold-items", type=float, default=0.0,
       help="item cold start: this fraction of the items (drawn by --split-seed) is new, their pairs out of "
            "training; half are ranked for cold-valid, half for cold-test (default 0: off)")
@@ -88,6 +94,9 @@ def parse_args(argv=None):
     g.add_argument("--no-item-graph", action="store_true", help="no propagation over the item graph")
     g.add_argument("--no-reviews", action="store_true", help="ignore review_feat.npy")
     g.add_argument("--no-standardize", action="store_true", help="feed content features raw, not z-scored per dimension")
+    g.add_argument("--head-holdout", type=float, default=0.1,
+                   help="no --cold-items: this share of the trained items (drawn by --split-seed) stands in for new "
+                        "items to choose the new-item head's settings, which is then refitted on every item")
     g.add_argument("--no-tags", action="store_true", help="the new-item head ignores *_tag.npy (categories, release "
                                                          "year) and reads the content modalities alone")
     g = p.add_argument_group("raw data to features")
@@ -117,7 +126,11 @@ def parse_args(argv=None):
         args.l2 = recommender.L2_GRID
     if 20 not in args.topk:
         args.topk = tuple(sorted(args.topk + (20,)))  # early stopping reads Recall@20
-    for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg", "patience"):
+    if (args.serve is None) != (args.new_items is None):
+        p.error("--serve RUN and --new-items DIR go together")
+    if not 0 < args.head_holdout < 1:
+        p.error("--head-holdout must be in (0, 1)")
+    for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg", "patience", "recommend_k"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("layers", "ui_layers", "pretrain_epochs"):
@@ -150,7 +163,7 @@ def parse_args(argv=None):
 def run_name(args, dataset, model):
     """<dataset>-<model>-s<seed>-<digest>: the digest covers every setting that can change
     the result, so runs with different settings never share (or overwrite) a folder."""
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("data", "out", "rebuild_features")}
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("data", "out", "rebuild_features", "serve", "new_items")}
     settings.update(model=model, data=os.path.abspath(args.data) if args.data else None)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{dataset}-{model}" + (f"+{args.recommender}" if model == "mmcpr" else "") + f"-s{args.seed}-{digest}"
@@ -184,46 +197,67 @@ def write_atomic(folder, outputs):
                 os.unlink(tmp)
 
 
-def cold_start(args, data, model, item_feats, trained, timings):
-    """The item cold-start task: rank the new items of cold-valid and cold-test by their content
-    alone, through recommender.fit_content_head into a trained model's space (MMCPR only).
-    Content: the item modalities and, unless --no-tags, the item tags (categories, release
-    year; a block each). The paper's text modality holds those words too, through a sentence
-    encoder; read as tags they are worth more to a linear head (README, New items).
-    `trained`: {start: train()'s result}, the fine-tuned models to serve from (--start best: the
-    pre-trained start's and the random start's, "scratch"); the one whose head scores the best cold-valid
-    Recall@20 is kept, as the cold task's settings are chosen on cold-valid alone.
-    Returns metrics.json's "cold" entry."""
+def new_item_head(args, data, model, item_feats, trained):
+    """The content head that ranks new items (recommender.fit_content_head: MMCPR with item content
+    only) and what model.npz keeps of it. Content: the item modalities and, unless --no-tags, the
+    item tags (categories, release year; a block each). The paper's text modality holds those
+    words too, through a sentence encoder; read as tags they are worth more to a linear head
+    (README, New items). `trained`: {start: train()'s result}, the fine-tuned models it may serve
+    from (--start best: the pre-trained start's and the random start's, "scratch").
+    Its settings (ridge, profile weight, start) are chosen on cold-valid Recall@20 with
+    --cold-items. Without, a catalogue still gets new items tomorrow, so they are chosen on
+    pseudo-new items: --head-holdout of the trained items, drawn by --split-seed, whose training
+    pairs become the targets and leave the head's fit and the users' profiles; the head is then
+    refitted on every trained item with the settings chosen. Test is never read.
+    Returns (the metrics entry, or None when there is neither a head nor a cold split; model.npz's
+    head arrays, {} without a head)."""
     c = data["cold"]
-    out = dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None, test=None,
-               note=None)
+    entry = c and dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None,
+                       test=None, note=None)
     if model != "mmcpr" or not item_feats:
-        out["note"] = (f"{model} alone cannot rank an item without pairs" if model != "mmcpr"
-                       else "no item content modality: a new item has nothing to be ranked by")
-        return out
-    t = time.perf_counter()
-    ev = {s: recommender.Evaluator(data["n_items"], data["train"], c[s], args.topk, device=args.device,
-                                   candidates=c[f"{s}_items"]) for s in ("valid", "test")}
-    fit_items = np.unique(data["train"][1])  # the items with a trained embedding
+        if entry:
+            entry["note"] = (f"{model} alone cannot rank an item without pairs" if model != "mmcpr"
+                             else "no item content modality: a new item has nothing to be ranked by")
+        return entry, {}
     tags = {} if args.no_tags else {f"{b} tags": x for b, x in data["item_tags"].items()}
-    X = recommender.content_matrix({**item_feats, **tags}, fit_items)  # tags: a block each, as a modality
-    heads = {start: recommender.fit_content_head(X, res["item_emb"], fit_items,
-                                                 torch.as_tensor(res["user_emb"], device=args.device),
-                                                 data["train"], ev["valid"])
-             for start, res in trained.items()}
-    valid = {start: fit["beta_grid"][fit["beta"]] for start, (_, _, fit) in heads.items()}  # cold-valid Recall@20
+    blocks = {**item_feats, **tags}  # tags: a block each, as a modality
+    fit_items, train = np.unique(data["train"][1]), data["train"]  # the items with a trained embedding
+    evaluator = lambda target, items: recommender.Evaluator(data["n_items"], train, target, args.topk,
+                                                            device=args.device, candidates=items)
+    if c:
+        ev = {s: evaluator(c[s], c[f"{s}_items"]) for s in ("valid", "test")}
+        entry.update(chosen_on="cold-valid")
+    else:  # pseudo-new items choose the settings
+        held = np.sort(np.random.default_rng(args.split_seed).choice(
+            fit_items, max(1, round(args.head_holdout * len(fit_items))), replace=False))
+        new = np.isin(train[1], held)
+        fit_items, train = np.setdiff1d(fit_items, held), (train[0][~new], train[1][~new])
+        ev = dict(valid=evaluator((data["train"][0][new], data["train"][1][new]), held))
+        entry = dict(chosen_on=f"pseudo-new items: {len(held)} of the trained items, their {int(new.sum())} "
+                               "training pairs the targets")
+    user_emb = {s: torch.as_tensor(r["user_emb"], device=args.device) for s, r in trained.items()}
+    stats = recommender.content_stats(blocks, fit_items)
+    X = recommender.content_matrix(blocks, stats)
+    heads = {s: recommender.fit_content_head(X, r["item_emb"], fit_items, user_emb[s], train, ev["valid"])
+             for s, r in trained.items()}
+    valid = {s: h["beta_grid"][h["beta"]] for s, h in heads.items()}  # Recall@20 of each start's head
     start = max(valid, key=valid.get)  # on a tie the first, the pre-trained start
-    users, items, fit = heads[start]
+    head = heads[start]
     if len(heads) > 1:
-        print(f"new items, start kept: {start} (cold-valid recall@20: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()) + ")")
-    out.update(content=list(item_feats) + list(tags), start=start, start_grid=valid, ridge=fit["ridge"],
-               profile_weight=fit["beta"],
-               ridge_grid={f"{k:g}": r for k, r in fit["ridge_grid"].items()},
-               profile_grid={f"{k:g}": r for k, r in fit["beta_grid"].items()})
-    out["valid"], out["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))
-    timings["cold"] = time.perf_counter() - t
-    return out
+        print(f"new items, start kept: {start} (recall@20: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()) + ")")
+    entry.update(content=list(blocks), start=start, start_grid=valid, ridge=head["ridge"], profile_weight=head["beta"],
+                 ridge_grid={f"{k:g}": r for k, r in head["ridge_grid"].items()},
+                 profile_grid={f"{k:g}": r for k, r in head["beta_grid"].items()})
+    if c:
+        users, items = recommender.head_users(head, user_emb[start]), recommender.head_items(X, head["W"])
+        entry["valid"], entry["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))
+    else:  # the settings chosen, the head is fitted on every trained item
+        fit_items, train = np.unique(data["train"][1]), data["train"]
+        stats = recommender.content_stats(blocks, fit_items)
+        head = recommender.fit_content_head(recommender.content_matrix(blocks, stats), trained[start]["item_emb"],
+                                            fit_items, user_emb[start], train, None, (head["ridge"],), (head["beta"],))
+    names = {b: data["item_tag_names"].get(b) for b in ([] if args.no_tags else data["item_tags"])}
+    return entry, serve.head_arrays(head, stats, blocks, trained[start]["user_emb"], names, data["encoders"])
 
 
 def run(args, data, model, load_seconds, out):
@@ -316,7 +350,22 @@ def run(args, data, model, load_seconds, out):
         res = trained[start]
     timings["eval"] = eval_seconds
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
-    cold = data["cold"] and cold_start(args, data, model, item_feats, trained, timings)  # its own start, on cold-valid
+    t = time.perf_counter()
+    cold, head = new_item_head(args, data, model, item_feats, trained)  # its own start, on cold-valid
+    timings["cold"] = time.perf_counter() - t
+
+    # The deliverables: the kept model, and each user's top K among the items ranked (never a known pair)
+    t = time.perf_counter()
+    known = tuple(np.concatenate([data[s][j] for s in ("train", "valid", "test")]) for j in (0, 1))
+    ranked_users = np.unique(data["train"][0])
+    ranked_items = np.arange(data["n_items"]) if warm is None else warm
+    top, scores = recommender.recommend(torch.as_tensor(res["user_emb"], device=args.device),
+                                        torch.as_tensor(res["item_emb"], device=args.device), ranked_users, known,
+                                        args.recommend_k, warm)
+    tsv = serve.recommendations_tsv(data["user_ids"], data["item_ids"], ranked_users, top, scores)
+    timings["recommend"] = time.perf_counter() - t
+    model_npz = dict(user_emb=res["user_emb"], item_emb=res["item_emb"], user_ids=data["user_ids"],
+                     item_ids=data["item_ids"], ranked_users=ranked_users, ranked_items=ranked_items, **head)
     timings["total"] = load_seconds + time.perf_counter() - t0
 
     metrics = dict(
@@ -331,31 +380,43 @@ def run(args, data, model, load_seconds, out):
         **{f"n_{s}": len(data[s][0]) for s in ("train", "valid", "test")}, n_cold_users=data["n_cold"],
         modalities={side: list(w) for side, w in pre.get("modality_weights", dict(user={}, item={})).items()},
         modality_weights=pre.get("modality_weights"), notes=pre.get("notes", []),
-        cold=cold, history=res["history"], args=vars(args) | dict(model=model),
+        **{"cold" if data["cold"] else "head": cold}, history=res["history"], args=vars(args) | dict(model=model),
     )
     os.makedirs(out, exist_ok=True)
-    outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode())}
-    if model == "mmcpr":
-        outputs.update({f"{k}.npy": lambda f, k=k: np.save(f, pre[k]) for k in ("user_emb", "item_emb")})
+    outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode()),
+               "model.npz": lambda f: np.savez(f, **model_npz), "recommendations.tsv": lambda f: f.write(tsv)}
+    if model == "mmcpr":  # the start of fine-tuning, not the model that scored
+        outputs["pretrained.npz"] = lambda f: np.savez(f, user_emb=pre["user_emb"], item_emb=pre["item_emb"])
     write_atomic(out, outputs)
-    for stale in {"user_emb.npy", "item_emb.npy"} - set(outputs):  # a reused --out keeps one run's files only
-        if os.path.exists(os.path.join(out, stale)):
-            os.unlink(os.path.join(out, stale))
+    if model != "mmcpr" and os.path.exists(os.path.join(out, "pretrained.npz")):  # a reused --out: one run's files
+        os.unlink(os.path.join(out, "pretrained.npz"))
     ks = args.topk
     print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
           + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s, metrics in {out}/")
     print("split".ljust(10) + "".join(f"{m}@{k}".rjust(14) for k in ks for m in ("recall", "ndcg")))
     for s in ("valid", "test"):
         print(s.ljust(10) + "".join(f"{metrics[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
-    for s in ("valid", "test") if cold and cold["test"] else ():
+    for s in ("valid", "test") if data["cold"] and cold["test"] else ():
         print(f"cold-{s}".ljust(10) + "".join(f"{cold[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
-    if cold and cold["note"]:
+    if data["cold"] and cold["note"]:
         print(f"new items: {cold['note']}")
     return metrics
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.serve:  # a finished run ranks new items: no training
+        out = args.out or os.path.join(args.serve, "new-" + os.path.basename(os.path.abspath(args.new_items)))
+        try:
+            check_writable(out)
+            outputs = serve.serve(args.serve, args.new_items, args.recommend_k, args.device)
+            os.makedirs(out, exist_ok=True)
+            write_atomic(out, outputs)
+        except (features.DataError, ImportError, PermissionError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"new items' recommendations and vectors in {out}/")
+        return 0
     folder, models = args.data, [args.model]
     try:  # the user's input and set-up: a missing file or package, bad data, nowhere to write
         check_writable(args.out or "runs")
@@ -371,7 +432,7 @@ def main(argv=None):
                                               device=args.device, precision=args.precision,
                                               rebuild=args.rebuild_features, log=print) or {}
         data = features.load_mmrec(folder, cold_items=args.cold_items, split_seed=args.split_seed)
-        data["encode_seconds"] = conversion.get("encode_seconds", {})
+        data["encode_seconds"], data["encoders"] = conversion.get("encode_seconds", {}), conversion.get("encoders")
         load_seconds = time.perf_counter() - t
     except (features.DataError, ImportError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)

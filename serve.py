@@ -1,0 +1,112 @@
+"""A finished run as a recommender: what it keeps, and new items served from it without retraining.
+
+    python run.py --serve RUN --new-items DIR [--out OUT] [--recommend-k K]   (run.py wires serve())
+
+A run folder (run.py) holds the model it kept, `model.npz`, and every user's top-K list,
+`recommendations.tsv`, both in the dataset's own ids. When the model can rank new items (MMCPR
+with item content: the content head, recommender.fit_content_head), `model.npz` also holds
+every array the head needs, so that a catalogue's new items, which no one has interacted with
+yet, are ranked from their content alone: read and encoded as the catalogue's items were
+(features.read_new_items), placed by the head, written as each user's top K among them. This
+is the paper's content pathway at work after training (ColdRec's item cold-start protocol).
+
+model.npz (numpy only: np.load(path, allow_pickle=False)); U users, I items, d, F content columns:
+    user_emb [U, d], item_emb [I, d]   float32, the kept model's final embeddings: score = dot
+    user_ids [U], item_ids [I]         str, the dataset's own ids, in row order
+    ranked_users, ranked_items         int64 rows: the users with a training pair (they get
+                                       recommendations), the items ranked (with --cold-items, the warm ones)
+and, where there is a content head:
+    head_blocks [B], head_widths [B]   the content blocks in order (modalities, then '<b> tags'), widths
+    head_mean [F], head_sd [F]         float64 standardisation on the catalogue (sd inf: a constant column)
+    head_fill [F]                      float32, each block's mean row: what an item missing a modality gets
+    head_W [F + 1, d]                  float64 ridge weights from content (last row: the bias) to item_emb's space
+    head_user_emb [U, d], head_profile [U, F], head_sd_head, head_sd_prof, head_beta, head_ridge
+                                       the head's users: score = e_u . x W / sd_head + beta p_u . x̂ / sd_prof
+    tag_<b> [k]                        str, the columns of tag block b (raw data)
+    encoder_text, encoder_image, precision   str, how the catalogue was encoded ('' : the packaged model)
+"""
+import os
+
+import numpy as np
+import torch
+
+import features
+import recommender
+
+
+def head_arrays(head, stats, blocks, user_emb, tag_names, encoders):
+    """model.npz's head_* (and tag_*, encoder_*) arrays from recommender.fit_content_head's head,
+    content_stats' stats and the blocks {name: [I, f]} it was fitted on."""
+    cat = lambda xs: np.concatenate([np.asarray(x) for x in xs])
+    out = dict(head_blocks=np.array(list(stats), dtype=str), head_widths=np.array([len(m) for m, _ in stats.values()]),
+               head_mean=cat(m.cpu() for m, _ in stats.values()), head_sd=cat(s.cpu() for _, s in stats.values()),
+               head_fill=cat(np.asarray(blocks[b], np.float32).mean(0) for b in stats),
+               head_W=head["W"].cpu().numpy(), head_user_emb=np.asarray(user_emb, np.float32),
+               head_profile=head["profile"].cpu().numpy(),
+               **{f"head_{k}": np.float64(head[k]) for k in ("sd_head", "sd_prof", "beta", "ridge")})
+    out.update({f"tag_{b}": np.array(names, dtype=str) for b, names in tag_names.items() if names is not None})
+    if encoders:
+        out.update(encoder_text=encoders["text"] or "", encoder_image=encoders["image"] or "",
+                   precision=encoders["precision"])
+    return out
+
+
+def recommendations_tsv(user_ids, item_ids, users, items, scores):
+    """recommendations.tsv's bytes: columns user, item, rank, score, tab-separated, best first, in
+    the dataset's own ids. users [n] rows, items [n, k] rows (-1: none left), scores [n, k]."""
+    n, k = items.shape
+    keep = items.ravel() >= 0
+    rows = zip(np.repeat(user_ids[users], k)[keep], item_ids[items.ravel()[keep]], np.tile(np.arange(1, k + 1), n)[keep],
+               scores.ravel()[keep].tolist())
+    return ("user\titem\trank\tscore\n" + "".join(f"{u}\t{i}\t{r}\t{s:.7g}\n" for u, i, r, s in rows)).encode()
+
+
+def load_run(folder):
+    """model.npz of a finished run folder, as {name: array}; DataError if it is not one."""
+    path = os.path.join(folder, "model.npz")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, "metrics.json"))):
+        raise features.DataError(f"{folder}: not a finished run folder (no model.npz and metrics.json)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return dict(z)
+    except (OSError, ValueError, EOFError) as e:
+        raise features.DataError(f"{path}: unreadable ({e})") from None
+
+
+def serve(run_dir, new_dir, k=20, device="cpu", log=print):
+    """Rank the new items of new_dir for every user of the finished run in run_dir with its
+    content head. Returns the outputs for write_atomic: recommendations.tsv (each user's top k
+    new items) and new_items.npz (item_ids; item_emb [n, d]: x W, the new items in the model's
+    space, beside model.npz's item_emb; head_item [n, d + F]: what the head's users score)."""
+    m = load_run(run_dir)
+    if "head_W" not in m:
+        raise features.DataError(f"{run_dir}: its model has no content head to rank new items with "
+                                 "(MMCPR with item content has one)")
+    widths = dict(zip(m["head_blocks"].tolist(), m["head_widths"].tolist()))
+    ends = np.cumsum(m["head_widths"])
+    part = lambda x: {b: x[e - w:e] for (b, w), e in zip(widths.items(), ends)}  # [F] -> {block: [w]}
+    tag_blocks = [b[:-len(" tags")] for b in widths if b.endswith(" tags")]
+    encoders = dict(text=str(m["encoder_text"]) or None, image=str(m["encoder_image"]) or None,
+                    precision=str(m["precision"])) if "precision" in m else None
+    new = features.read_new_items(new_dir, {b: w for b, w in widths.items() if not b.endswith(" tags")},
+                                  {b: m[f"tag_{b}"].tolist() if f"tag_{b}" in m else None for b in tag_blocks},
+                                  encoders, part(m["head_fill"]), device=device, log=log)
+    ids = new["item_ids"]
+    known, (uniq, count) = np.intersect1d(ids, m["item_ids"]), np.unique(ids, return_counts=True)
+    if len(known):
+        raise features.DataError(f"{new_dir}: item {known[0]} is already an item of the run")
+    if (count > 1).any():
+        raise features.DataError(f"{new_dir}: item {uniq[count > 1][0]} appears twice")
+    content = {**new["item_feats"], **{f"{b} tags": x for b, x in new["item_tags"].items()}}
+    stats = {b: (torch.as_tensor(mu), torch.as_tensor(sd)) for (b, mu), sd in zip(part(m["head_mean"]).items(),
+                                                                                  part(m["head_sd"]).values())}
+    items = recommender.head_items(recommender.content_matrix(content, stats), m["head_W"])  # [n, d + F]
+    head = dict(profile=m["head_profile"], sd_head=m["head_sd_head"], sd_prof=m["head_sd_prof"], beta=m["head_beta"])
+    users = recommender.head_users(head, torch.as_tensor(m["head_user_emb"]))  # [U, d + F]
+    top, scores = recommender.recommend(users.to(device), items.to(device), m["ranked_users"],
+                                        (np.zeros(0, np.int64),) * 2, k)
+    d = m["head_W"].shape[1]
+    log(f"served {len(ids)} new items to {len(m['ranked_users'])} users")
+    tsv = recommendations_tsv(m["user_ids"], ids, m["ranked_users"], top, scores)
+    return {"recommendations.tsv": lambda f: f.write(tsv),
+            "new_items.npz": lambda f: np.savez(f, item_ids=ids, item_emb=items[:, :d].numpy(), head_item=items.numpy())}
