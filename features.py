@@ -786,7 +786,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
     return dict(encode_seconds=seconds, encode_per_second=rate, encoders=encoders)
 
 
-def read_new_items(folder, modalities, tag_names, encoders, fill, *, device="cpu", batch_size=64, log=print):
+def read_new_items(folder, modalities, tag_names, encoders, fill, known=(), *, device="cpu", batch_size=64, log=print):
     """New items for a trained run (run.py --serve): their ids and content, made as the
     catalogue's were, so that the run's content head can place them without retraining.
 
@@ -796,7 +796,8 @@ def read_new_items(folder, modalities, tag_names, encoders, fill, *, device="cpu
     as features); or <m>_feat.npy files with item_ids.txt (one id a line, a row each).
     modalities {m: width}: the content the run was trained with, each required; an item missing one
     (no image, an unreadable one, no text) gets fill[m], as the conversion gives such an item the
-    mean feature. tag_names {block: column names}: the run's tag columns.
+    mean feature. tag_names {block: column names}: the run's tag columns. known: the catalogue's
+    ids, which no new item may take (checked, like repeats, before anything is encoded).
     Returns dict(item_ids [n] str, item_feats {m: float32 [n, width]}, item_tags {block: [n, k]})."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
@@ -807,8 +808,7 @@ def read_new_items(folder, modalities, tag_names, encoders, fill, *, device="cpu
                 ids = np.array([line.rstrip("\r\n") for line in f if line.strip()], dtype=str)
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{name}: <m>_feat.npy rows need item_ids.txt, one id a line ({e})") from None
-        if not len(ids):
-            raise DataError(f"{name}/item_ids.txt: no new items")
+        _check_new_ids(name, ids, known)
         feats, tags = {}, {}
         for out, suffix, want in ((feats, "feat", modalities), (tags, "tag", {b: len(c) for b, c in tag_names.items()})):
             for m, width in want.items():
@@ -835,27 +835,35 @@ def read_new_items(folder, modalities, tag_names, encoders, fill, *, device="cpu
                         "give the new items as <m>_feat.npy (and <b>_tag.npy) with item_ids.txt")
     texts = _read_items(metas[0])
     ids = np.array(list(texts), dtype=str)
-    if not len(ids):
-        raise DataError(f"{os.path.basename(metas[0])}: no new items")
+    _check_new_ids(os.path.basename(metas[0]), ids, known)
+    image_dir = os.path.join(folder, "images")
+    files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(image_dir)) if f.lower().endswith(IMAGE_EXT)
+             } if os.path.isdir(image_dir) else {}
+    inputs = dict(text=[texts[i] or None for i in ids],
+                  image=[os.path.join(image_dir, files[i]) if i in files else None for i in ids])
+    for m in modalities:  # before any encoding
+        if inputs[m].count(None) == len(ids):
+            raise DataError(f"{name}: no new item has {dict(text='a text', image='an image in images/')[m]}, "
+                            f"and the run was trained with {m}")
     feats = {}
-    if "text" in modalities:
-        inputs = [texts[i] or None for i in ids]
-        if inputs.count(None) == len(ids):
-            raise DataError(f"{os.path.basename(metas[0])}: no new item has a text, and the run was trained with text")
-        feats["text"] = _encode(_text_encoder(encoders["text"], device, encoders["precision"]), inputs, batch_size,
-                                "item texts", log, len, fill["text"])
-    if "image" in modalities:
-        image_dir = os.path.join(folder, "images")
-        files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(image_dir)) if f.lower().endswith(IMAGE_EXT)
-                 } if os.path.isdir(image_dir) else {}
-        paths = [os.path.join(image_dir, files[i]) if i in files else None for i in ids]
-        x = _encode(_image_encoder(encoders["image"], device, encoders["precision"]), paths, batch_size,
-                    "item images", log, fill=fill["image"]) if any(paths) else None
-        if x is None:
-            raise DataError(f"{name}: no new item has a readable image in images/, and the run was trained with images")
-        feats["image"] = x
+    for m in modalities:
+        encoder = (_text_encoder if m == "text" else _image_encoder)(encoders[m], device, encoders["precision"])
+        feats[m] = _encode(encoder, inputs[m], batch_size, f"item {m}s", log, len if m == "text" else None, fill[m])
+        if feats[m] is None:
+            raise DataError(f"{name}: no new item's {m} is readable, and the run was trained with {m}")
     tags = {b: x for b, (_, x) in _item_tags(metas[0], ids, tag_names).items() if b in tag_names}
     return dict(item_ids=ids, item_feats=feats, item_tags=tags)
+
+
+def _check_new_ids(name, ids, known):
+    if not len(ids):
+        raise DataError(f"{name}: no new items")
+    uniq, count = np.unique(ids, return_counts=True)
+    if (count > 1).any():
+        raise DataError(f"{name}: item {uniq[count > 1][0]} appears twice")
+    taken = np.intersect1d(ids, np.asarray(known, dtype=str))
+    if len(taken):
+        raise DataError(f"{name}: item {taken[0]} is already an item of the catalogue")
 
 
 DEMO_CATEGORIES = (  # name, image colour, the words its items and their reviews use

@@ -257,7 +257,7 @@ def new_item_head(args, data, model, item_feats, trained):
         head = recommender.fit_content_head(recommender.content_matrix(blocks, stats), trained[start]["item_emb"],
                                             fit_items, user_emb[start], train, None, (head["ridge"],), (head["beta"],))
     names = {b: data["item_tag_names"].get(b) for b in ([] if args.no_tags else data["item_tags"])}
-    return entry, serve.head_arrays(head, stats, blocks, trained[start]["user_emb"], names, data["encoders"])
+    return entry, serve.head_arrays(head, stats, blocks, trained[start]["user_emb"], names, data.get("encoders"))
 
 
 def run(args, data, model, load_seconds, out):

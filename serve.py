@@ -90,13 +90,9 @@ def serve(run_dir, new_dir, k=20, device="cpu", log=print):
                     precision=str(m["precision"])) if "precision" in m else None
     new = features.read_new_items(new_dir, {b: w for b, w in widths.items() if not b.endswith(" tags")},
                                   {b: m[f"tag_{b}"].tolist() if f"tag_{b}" in m else None for b in tag_blocks},
-                                  encoders, part(m["head_fill"]), device=device, log=log)
+                                  encoders, part(m["head_fill"]), m["item_ids"][m["ranked_items"]], device=device,
+                                  log=log)
     ids = new["item_ids"]
-    known, (uniq, count) = np.intersect1d(ids, m["item_ids"]), np.unique(ids, return_counts=True)
-    if len(known):
-        raise features.DataError(f"{new_dir}: item {known[0]} is already an item of the run")
-    if (count > 1).any():
-        raise features.DataError(f"{new_dir}: item {uniq[count > 1][0]} appears twice")
     content = {**new["item_feats"], **{f"{b} tags": x for b, x in new["item_tags"].items()}}
     stats = {b: (torch.as_tensor(mu), torch.as_tensor(sd)) for (b, mu), sd in zip(part(m["head_mean"]).items(),
                                                                                   part(m["head_sd"]).values())}

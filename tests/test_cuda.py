@@ -91,7 +91,7 @@ def test_run_end_to_end_on_cuda(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["device"] == "cuda" and m["recommender"] == "lightgcn"
     assert all(0 <= m[s]["recall@20"] <= 1 for s in ("valid", "test"))
-    assert np.isfinite(np.load(out / "item_emb.npy")).all()
+    assert np.isfinite(np.load(out / "model.npz")["item_emb"]).all()
 
 
 def test_encoders_on_cuda_agree_with_the_cpu(tmp_path, tiny):

@@ -450,7 +450,7 @@ def content_case(seed=0, n_items=60, n_users=30, d=4):
     rng = np.random.default_rng(seed)
     feats = {"text": rng.standard_normal((n_items, 6)), "image": rng.standard_normal((n_items, 3))}
     fit = np.arange(40)  # items 40..59 are new
-    return rng, feats, fit, rec.content_matrix(feats, fit)
+    return rng, feats, fit, rec.content_matrix(feats, rec.content_stats(feats, fit))
 
 
 def test_content_matrix_standardises_on_the_fit_items_and_adds_a_bias():
@@ -459,10 +459,10 @@ def test_content_matrix_standardises_on_the_fit_items_and_adds_a_bias():
     assert torch.allclose(X[:, :6].norm(dim=1), torch.ones(60, dtype=X.dtype))  # each modality's block
     assert torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
     feats["text"][40:] += 100  # a new item's features move nothing fitted on the others
-    assert torch.equal(rec.content_matrix(feats, fit)[:40], X[:40])
+    assert torch.equal(rec.content_matrix(feats, rec.content_stats(feats, fit))[:40], X[:40])
     feats["image"][:40, 0] = 3.0  # constant on the fit items: 0 for every item, a new one's offset too
     feats["image"][40:, 0] = 3.0 + 1e-3
-    X = rec.content_matrix(feats, fit)
+    X = rec.content_matrix(feats, rec.content_stats(feats, fit))
     assert torch.all(X[:, 6] == 0) and torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
 
 
@@ -473,11 +473,16 @@ def test_content_head_recovers_a_linear_map_and_keeps_the_valid_best_strength():
     train = (np.arange(30), rng.choice(fit, 30))
     ev = rec.Evaluator(60, train, (np.arange(30), rng.choice(np.arange(40, 60), 30)), ks=(5, 20),
                        candidates=np.arange(40, 60))
-    U, I, f = rec.fit_content_head(X, E, fit, users, train, ev, ridge=(1e-8, 1e3), profile=(0.0,), log=lambda s: None)
+    f = rec.fit_content_head(X, E, fit, users, train, ev, ridge=(1e-8, 1e3), profile=(0.0,), log=lambda s: None)
+    U, I = rec.head_users(f, users), rec.head_items(X, f["W"])
     np.testing.assert_allclose(I[40:, :4].numpy(), E[40:], atol=1e-3)  # new items, from their content alone
     assert f["ridge"] == max(f["ridge_grid"], key=f["ridge_grid"].get) and f["ridge_grid"][1e-8] >= f["ridge_grid"][1e3]
     assert torch.equal(U[:, 4:], torch.zeros(30, 9))  # β = 0: the head alone
     assert ev.evaluate(U, I) == pytest.approx(ev.evaluate(users, I[:, :4]))
+    again = rec.fit_content_head(X, E, fit, users, train, None, ridge=(f["ridge"],), profile=(0.0,))  # chosen: no evaluator
+    assert torch.equal(again["W"], f["W"]) and again["ridge_grid"] == {f["ridge"]: None}
+    with pytest.raises(ValueError, match="needs an evaluator"):
+        rec.fit_content_head(X, E, fit, users, train, None)
 
 
 def test_content_profile_is_weighed_in_when_it_ranks_better_on_valid():
@@ -490,6 +495,6 @@ def test_content_profile_is_weighed_in_when_it_ranks_better_on_valid():
     ev = rec.Evaluator(140, train, target, ks=(1, 20), candidates=np.arange(40, 140))
     users = torch.as_tensor(rng.standard_normal((30, 4)), dtype=torch.float32)
     E = rng.standard_normal((140, 4)).astype(np.float32)
-    U, I, f = rec.fit_content_head(X, E, fit, users, train, ev, log=lambda s: None)
+    f = rec.fit_content_head(X, E, fit, users, train, ev, log=lambda s: None)
     assert f["beta"] > 0 and f["beta_grid"][f["beta"]] == max(f["beta_grid"].values()) > f["beta_grid"][0.0]
-    assert ev.evaluate(U, I)["recall@1"] > 0.5
+    assert ev.evaluate(rec.head_users(f, users), rec.head_items(X, f["W"]))["recall@1"] > 0.5
