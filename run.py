@@ -3,12 +3,14 @@
     python run.py --data ./baby --device cuda     # MMCPR pre-training + LightGCN fine-tuning
     python run.py --data ./baby --model lightgcn  # a baseline alone: lightgcn or mf
     python run.py --data ./movielens --cold-items 0.2  # 20% of the items new: ranked by content
+    python run.py --serve RUN --new-items DIR     # a finished run ranks new items (serve.py)
     python run.py                                 # offline demo on synthetic data
 
 Data flows one way: load (features.py) -> graphs and pre-training (mmcpr.py)
 -> fine-tuning of MF-BPR or LightGCN and evaluation (recommender.py)
--> OUT/metrics.json. The three modules never import each other; this file
-wires them together with plain numpy arrays.
+-> the run folder: model.npz, recommendations.tsv, metrics.json (serve.py says
+what each holds). The three modules never import each other; this file wires
+them together with plain numpy arrays.
 """
 import argparse
 import hashlib
@@ -197,73 +199,11 @@ def write_atomic(folder, outputs):
                 os.unlink(tmp)
 
 
-def new_item_head(args, data, model, item_feats, trained):
-    """The content head that ranks new items (recommender.fit_content_head: MMCPR with item content
-    only) and what model.npz keeps of it. Content: the item modalities and, unless --no-tags, the
-    item tags (categories, release year; a block each). The paper's text modality holds those
-    words too, through a sentence encoder; read as tags they are worth more to a linear head
-    (README, New items). `trained`: {start: train()'s result}, the fine-tuned models it may serve
-    from (--start best: the pre-trained start's and the random start's, "scratch").
-    Its settings (ridge, profile weight, start) are chosen on cold-valid Recall@20 with
-    --cold-items. Without, a catalogue still gets new items tomorrow, so they are chosen on
-    pseudo-new items: --head-holdout of the trained items, drawn by --split-seed, whose training
-    pairs become the targets and leave the head's fit and the users' profiles; the head is then
-    refitted on every trained item with the settings chosen. Test is never read.
-    Returns (the metrics entry, or None when there is neither a head nor a cold split; model.npz's
-    head arrays, {} without a head)."""
-    c = data["cold"]
-    entry = c and dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None,
-                       test=None, note=None)
-    if model != "mmcpr" or not item_feats:
-        if entry:
-            entry["note"] = (f"{model} alone cannot rank an item without pairs" if model != "mmcpr"
-                             else "no item content modality: a new item has nothing to be ranked by")
-        return entry, {}
-    tags = {} if args.no_tags else {f"{b} tags": x for b, x in data["item_tags"].items()}
-    blocks = {**item_feats, **tags}  # tags: a block each, as a modality
-    fit_items, train = np.unique(data["train"][1]), data["train"]  # the items with a trained embedding
-    evaluator = lambda target, items: recommender.Evaluator(data["n_items"], train, target, args.topk,
-                                                            device=args.device, candidates=items)
-    if c:
-        ev = {s: evaluator(c[s], c[f"{s}_items"]) for s in ("valid", "test")}
-        entry.update(chosen_on="cold-valid")
-    else:  # pseudo-new items choose the settings
-        held = np.sort(np.random.default_rng(args.split_seed).choice(
-            fit_items, max(1, round(args.head_holdout * len(fit_items))), replace=False))
-        new = np.isin(train[1], held)
-        fit_items, train = np.setdiff1d(fit_items, held), (train[0][~new], train[1][~new])
-        ev = dict(valid=evaluator((data["train"][0][new], data["train"][1][new]), held))
-        entry = dict(chosen_on=f"pseudo-new items: {len(held)} of the trained items, their {int(new.sum())} "
-                               "training pairs the targets")
-    user_emb = {s: torch.as_tensor(r["user_emb"], device=args.device) for s, r in trained.items()}
-    stats = recommender.content_stats(blocks, fit_items)
-    X = recommender.content_matrix(blocks, stats)
-    heads = {s: recommender.fit_content_head(X, r["item_emb"], fit_items, user_emb[s], train, ev["valid"])
-             for s, r in trained.items()}
-    valid = {s: h["beta_grid"][h["beta"]] for s, h in heads.items()}  # Recall@20 of each start's head
-    start = max(valid, key=valid.get)  # on a tie the first, the pre-trained start
-    head = heads[start]
-    if len(heads) > 1:
-        print(f"new items, start kept: {start} (recall@20: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()) + ")")
-    entry.update(content=list(blocks), start=start, start_grid=valid, ridge=head["ridge"], profile_weight=head["beta"],
-                 ridge_grid={f"{k:g}": r for k, r in head["ridge_grid"].items()},
-                 profile_grid={f"{k:g}": r for k, r in head["beta_grid"].items()})
-    if c:
-        users, items = recommender.head_users(head, user_emb[start]), recommender.head_items(X, head["W"])
-        entry["valid"], entry["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))
-    else:  # the settings chosen, the head is fitted on every trained item
-        fit_items, train = np.unique(data["train"][1]), data["train"]
-        stats = recommender.content_stats(blocks, fit_items)
-        head = recommender.fit_content_head(recommender.content_matrix(blocks, stats), trained[start]["item_emb"],
-                                            fit_items, user_emb[start], train, None, (head["ridge"],), (head["beta"],))
-    names = {b: data["item_tag_names"].get(b) for b in ([] if args.no_tags else data["item_tags"])}
-    return entry, serve.head_arrays(head, stats, blocks, trained[start]["user_emb"], names, data.get("encoders"))
-
-
 def run(args, data, model, load_seconds, out):
-    """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; writes
-    metrics.json (and, for mmcpr, the pre-trained user_emb.npy and item_emb.npy) into `out`
-    once everything has finished, and returns the metrics dict."""
+    """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; once
+    everything has finished, writes into `out` metrics.json, model.npz (the kept model and, for
+    mmcpr with item content, its new-item head), recommendations.tsv and, for mmcpr,
+    pretrained.npz (the start of fine-tuning); returns the metrics dict."""
     t0 = time.perf_counter()
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0)
     item_feats, user_feat = data["item_feats"], None if args.no_reviews else data["user_feat"]
@@ -351,7 +291,8 @@ def run(args, data, model, load_seconds, out):
     timings["eval"] = eval_seconds
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
     t = time.perf_counter()
-    cold, head = new_item_head(args, data, model, item_feats, trained)  # its own start, on cold-valid
+    cold, head = serve.fit_head(data, model, item_feats, trained, ks=args.topk, holdout=args.head_holdout,
+                                split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
     timings["cold"] = time.perf_counter() - t
 
     # The deliverables: the kept model, and each user's top K among the items ranked (never a known pair)

@@ -1,14 +1,15 @@
-"""A finished run as a recommender: what it keeps, and new items served from it without retraining.
+"""A run as a recommender: the new-item head it fits, what it keeps, and new items served later.
 
     python run.py --serve RUN --new-items DIR [--out OUT] [--recommend-k K]   (run.py wires serve())
 
 A run folder (run.py) holds the model it kept, `model.npz`, and every user's top-K list,
 `recommendations.tsv`, both in the dataset's own ids. When the model can rank new items (MMCPR
-with item content: the content head, recommender.fit_content_head), `model.npz` also holds
-every array the head needs, so that a catalogue's new items, which no one has interacted with
-yet, are ranked from their content alone: read and encoded as the catalogue's items were
-(features.read_new_items), placed by the head, written as each user's top K among them. This
-is the paper's content pathway at work after training (ColdRec's item cold-start protocol).
+with item content: the content head, recommender.fit_content_head, fitted by fit_head),
+`model.npz` also holds every array the head needs, so that a catalogue's new items, which no
+one has interacted with yet, are ranked from their content alone: read and encoded as the
+catalogue's items were (features.read_new_items), placed by the head, written as each user's
+top K among them (serve). This is the paper's content pathway at work after training
+(ColdRec's item cold-start protocol).
 
 model.npz (numpy only: np.load(path, allow_pickle=False)); U users, I items, d, F content columns:
     user_emb [U, d], item_emb [I, d]   float32, the kept model's final embeddings: score = dot
@@ -32,6 +33,69 @@ import torch
 
 import features
 import recommender
+
+
+def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0, tags=True, device="cpu"):
+    """The content head that ranks new items (recommender.fit_content_head: MMCPR with item content
+    only) and what model.npz keeps of it, for run.py. Content: the item modalities and, if tags, the
+    item tags (categories, release year; a block each). The paper's text modality holds those
+    words too, through a sentence encoder; read as tags they are worth more to a linear head
+    (README, New items). `trained`: {start: train()'s result}, the fine-tuned models it may serve
+    from (--start best: the pre-trained start's and the random start's, "scratch").
+    Its settings (ridge, profile weight, start) are chosen on cold-valid Recall@20 with
+    --cold-items. Without, a catalogue still gets new items tomorrow, so they are chosen on
+    pseudo-new items: a share `holdout` of the trained items, drawn by split_seed, whose training
+    pairs become the targets and leave the head's fit and the users' profiles; the head is then
+    refitted on every trained item with the settings chosen. Test is never read.
+    Returns (the metrics entry, or None when there is neither a head nor a cold split; model.npz's
+    head arrays, {} without a head)."""
+    c = data["cold"]
+    entry = c and dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None,
+                       test=None, note=None)
+    if model != "mmcpr" or not item_feats:
+        if entry:
+            entry["note"] = (f"{model} alone cannot rank an item without pairs" if model != "mmcpr"
+                             else "no item content modality: a new item has nothing to be ranked by")
+        return entry, {}
+    tag_blocks = {f"{b} tags": x for b, x in data["item_tags"].items()} if tags else {}
+    blocks = {**item_feats, **tag_blocks}  # tags: a block each, as a modality
+    fit_items, train = np.unique(data["train"][1]), data["train"]  # the items with a trained embedding
+    evaluator = lambda target, items: recommender.Evaluator(data["n_items"], train, target, ks, device=device,
+                                                            candidates=items)
+    if c:
+        ev = {s: evaluator(c[s], c[f"{s}_items"]) for s in ("valid", "test")}
+        entry.update(chosen_on="cold-valid")
+    else:  # pseudo-new items choose the settings
+        held = np.sort(np.random.default_rng(split_seed).choice(fit_items, max(1, round(holdout * len(fit_items))),
+                                                                replace=False))
+        new = np.isin(train[1], held)
+        fit_items, train = np.setdiff1d(fit_items, held), (train[0][~new], train[1][~new])
+        ev = dict(valid=evaluator((data["train"][0][new], data["train"][1][new]), held))
+        entry = dict(chosen_on=f"pseudo-new items: {len(held)} of the trained items, their {int(new.sum())} "
+                               "training pairs the targets")
+    user_emb = {s: torch.as_tensor(r["user_emb"], device=device) for s, r in trained.items()}
+    stats = recommender.content_stats(blocks, fit_items)
+    X = recommender.content_matrix(blocks, stats)
+    heads = {s: recommender.fit_content_head(X, r["item_emb"], fit_items, user_emb[s], train, ev["valid"])
+             for s, r in trained.items()}
+    valid = {s: h["beta_grid"][h["beta"]] for s, h in heads.items()}  # Recall@20 of each start's head
+    start = max(valid, key=valid.get)  # on a tie the first, the pre-trained start
+    head = heads[start]
+    if len(heads) > 1:
+        print(f"new items, start kept: {start} (recall@20: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()) + ")")
+    entry.update(content=list(blocks), start=start, start_grid=valid, ridge=head["ridge"], profile_weight=head["beta"],
+                 ridge_grid={f"{k:g}": r for k, r in head["ridge_grid"].items()},
+                 profile_grid={f"{k:g}": r for k, r in head["beta_grid"].items()})
+    if c:
+        users, items = recommender.head_users(head, user_emb[start]), recommender.head_items(X, head["W"])
+        entry["valid"], entry["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))
+    else:  # the settings chosen, the head is fitted on every trained item
+        fit_items, train = np.unique(data["train"][1]), data["train"]
+        stats = recommender.content_stats(blocks, fit_items)
+        head = recommender.fit_content_head(recommender.content_matrix(blocks, stats), trained[start]["item_emb"],
+                                            fit_items, user_emb[start], train, None, (head["ridge"],), (head["beta"],))
+    names = {b: data["item_tag_names"].get(b) for b in (data["item_tags"] if tags else [])}
+    return entry, head_arrays(head, stats, blocks, trained[start]["user_emb"], names, data.get("encoders"))
 
 
 def head_arrays(head, stats, blocks, user_emb, tag_names, encoders):

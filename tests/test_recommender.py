@@ -498,3 +498,32 @@ def test_content_profile_is_weighed_in_when_it_ranks_better_on_valid():
     f = rec.fit_content_head(X, E, fit, users, train, ev, log=lambda s: None)
     assert f["beta"] > 0 and f["beta_grid"][f["beta"]] == max(f["beta_grid"].values()) > f["beta_grid"][0.0]
     assert ev.evaluate(rec.head_users(f, users), rec.head_items(X, f["W"]))["recall@1"] > 0.5
+
+
+def test_recommend_by_hand():
+    """Scores u0: [4, 3, 2, 1], u1: [1, 2, 3, 4]. u0 knows item 0; u1 knows items 3, 2, 1."""
+    users = torch.tensor([[1.0], [-1.0]])
+    items = torch.tensor([[4.0], [3.0], [2.0], [1.0]])
+    known = (np.array([0, 1, 1, 1]), np.array([0, 3, 2, 1]))
+    top, scores = rec.recommend(users, items, np.array([0, 1]), known, k=2)
+    assert top.tolist() == [[1, 2], [0, -1]]  # u1 has one unseen item left: the rest is -1
+    assert scores.tolist() == [[3.0, 2.0], [-4.0, -np.inf]]
+    top, _ = rec.recommend(users, items, np.array([1]), known, k=2, candidates=np.array([0, 3]))  # items 0, 3 only
+    assert top.tolist() == [[0, -1]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 15), st.integers(1, 6), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_recommend_is_the_brute_force_top_k_of_unseen_items(n_users, n_items, k, batch, seed):
+    rng = np.random.default_rng(seed)
+    U, I = torch.randn(n_users, 3, generator=torch.Generator().manual_seed(seed)), torch.randn(n_items, 3)
+    known = np.divmod(rng.choice(n_users * n_items, rng.integers(0, n_users * n_items + 1), replace=False), n_items)
+    users = rng.permutation(n_users)[:rng.integers(1, n_users + 1)]
+    top, scores = rec.recommend(U, I, users, known, k, batch=batch)
+    seen = set(zip(*known))
+    for row, u in enumerate(users):
+        unseen = [i for i in range(n_items) if (u, i) not in seen]
+        want = sorted(unseen, key=lambda i: -(U[u] @ I[i]).item())[:k]
+        got = [i for i in top[row] if i >= 0]
+        assert len(got) == min(k, len(unseen)) and not seen & {(u, i) for i in got}
+        assert scores[row][:len(got)].tolist() == pytest.approx([(U[u] @ I[i]).item() for i in want], rel=1e-5)
