@@ -333,7 +333,7 @@ def run(args, data, model, load_seconds, out):
         os.unlink(os.path.join(out, "pretrained.npz"))
     ks = args.topk
     print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
-          + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s, metrics in {out}/")
+          + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s; model, recommendations, metrics in {out}/")
     print("split".ljust(10) + "".join(f"{m}@{k}".rjust(14) for k in ks for m in ("recall", "ndcg")))
     for s in ("valid", "test"):
         print(s.ljust(10) + "".join(f"{metrics[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))

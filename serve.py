@@ -27,6 +27,7 @@ and, where there is a content head:
     encoder_text, encoder_image, precision   str, how the catalogue was encoded ('' : the packaged model)
 """
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
                                "training pairs the targets")
     user_emb = {s: torch.as_tensor(r["user_emb"], device=device) for s, r in trained.items()}
     stats = recommender.content_stats(blocks, fit_items)
-    X = recommender.content_matrix(blocks, stats)
+    X = recommender.content_matrix(blocks, stats).to(device)
     heads = {s: recommender.fit_content_head(X, r["item_emb"], fit_items, user_emb[s], train, ev["valid"])
              for s, r in trained.items()}
     valid = {s: h["beta_grid"][h["beta"]] for s, h in heads.items()}  # Recall@20 of each start's head
@@ -132,9 +133,13 @@ def load_run(folder):
         raise features.DataError(f"{folder}: not a finished run folder (no model.npz and metrics.json)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return dict(z)
-    except (OSError, ValueError, EOFError) as e:
+            m = dict(z)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise features.DataError(f"{path}: unreadable ({e})") from None
+    missing = [k for k in ("user_emb", "item_emb", "user_ids", "item_ids", "ranked_users", "ranked_items") if k not in m]
+    if missing:
+        raise features.DataError(f"{path}: not a run's model (no {', '.join(missing)})")
+    return m
 
 
 def serve(run_dir, new_dir, k=20, device="cpu", log=print):
@@ -158,8 +163,8 @@ def serve(run_dir, new_dir, k=20, device="cpu", log=print):
                                   log=log)
     ids = new["item_ids"]
     content = {**new["item_feats"], **{f"{b} tags": x for b, x in new["item_tags"].items()}}
-    stats = {b: (torch.as_tensor(mu), torch.as_tensor(sd)) for (b, mu), sd in zip(part(m["head_mean"]).items(),
-                                                                                  part(m["head_sd"]).values())}
+    stats = {b: (torch.as_tensor(mu), torch.as_tensor(sd))
+             for b, mu, sd in zip(widths, part(m["head_mean"]).values(), part(m["head_sd"]).values())}
     items = recommender.head_items(recommender.content_matrix(content, stats), m["head_W"])  # [n, d + F]
     head = dict(profile=m["head_profile"], sd_head=m["head_sd_head"], sd_prof=m["head_sd_prof"], beta=m["head_beta"])
     users = recommender.head_users(head, torch.as_tensor(m["head_user_emb"]))  # [U, d + F]

@@ -181,6 +181,10 @@ def test_bad_input_to_serve_is_one_line_exit_2_and_writes_nothing(tmp_path, raw_
     shutil.copytree(new, known)
     (known / "items.jsonl").write_text((data / "items.jsonl").read_text().splitlines()[0] + "\n")
     cases["is already an item of the catalogue"] = (out, known)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.npz").write_bytes((out / "model.npz").read_bytes()[:1000])
+    cases["model.npz: unreadable"] = (broken, new)
     (tmp_path / "empty").mkdir()
     cases["no new items"] = (out, tmp_path / "empty")
     wide = tmp_path / "wide"
