@@ -320,18 +320,14 @@ def _flat(v):
     return [s for x in v for s in _flat(x)] if isinstance(v, (list, tuple)) else [str(v)] if v else []
 
 
-def _read_items(path, wanted=None):
-    """{item: text} for the wanted items (None: every item, in the file's order): title, brand (or
-    store), categories, features and description joined, as MMRec builds its item sentences; nested
-    lists flattened, repeated strings dropped. Amazon 2023's details (sizes, weights, dates) are
-    left out as noise."""
+def _read_items(path, wanted):
+    """{item: text} for the wanted items: title, brand (or store), categories, features and
+    description joined, as MMRec builds its item sentences; nested lists flattened, repeated
+    strings dropped. Amazon 2023's details (sizes, weights, dates) are left out as noise."""
     texts = {}
-    for n, obj in _read_jsonl(path):
-        i = _field(obj, "item")
-        if i is None:
-            raise DataError(f"{os.path.basename(path)}: line {n}: needs an item (item/asin/parent_asin)")
-        i = str(i)
-        if wanted is None or i in wanted:
+    for _, obj in _read_jsonl(path):
+        i = str(_field(obj, "item"))
+        if i in wanted:
             texts[i] = " ".join(" ".join(dict.fromkeys(_flat([obj.get(k) for k in ITEM_TEXT]))).split())
     return texts
 
@@ -624,6 +620,8 @@ def _encode(encoder, inputs, batch_size, what, log, key=None, fill=None):
         return log(f"no {what} to encode")
     x = np.full((len(inputs), feats[0].shape[1]), np.nan, np.float32)
     x[rows] = np.concatenate(feats)
+    if fill is not None and len(fill) != x.shape[1]:
+        raise DataError(f"{what}: {x.shape[1]} columns encoded where the catalogue's have {len(fill)}: not its encoder")
     x[np.isnan(x[:, 0])] = x[rows].mean(0) if fill is None else fill
     n_missing, n_bad = len(inputs) - len(idx), len(idx) - len(rows)
     log(f"encoded {len(rows)} {what} in {time.time() - t0:.1f}s" +
@@ -692,6 +690,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
         out = {}
         if items_path:
             out["text_feat.npy"] = dict(items=items, meta=_stamp(items_path), encoder=text_enc)
+            # min_items: a tag's items at least; new in the inputs with the recorded columns, so older conversions redo it
             out["category_tag.npy"] = out["year_tag.npy"] = dict(items=items, meta=_stamp(items_path), min_items=2)
         if train:  # None: no training review has text
             out["review_feat.npy"] = dict(train=train, reviews=inter["reviews"], encoder=text_enc)
@@ -786,7 +785,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
     return dict(encode_seconds=seconds, encode_per_second=rate, encoders=encoders)
 
 
-def read_new_items(folder, modalities, tag_names, encoders, fill, known=(), *, device="cpu", batch_size=64, log=print):
+def read_new_items(folder, modalities, tags, encoders, fill, known=(), *, device="cpu", batch_size=64, log=print):
     """New items for a trained run (run.py --serve): their ids and content, made as the
     catalogue's were, so that the run's content head can place them without retraining.
 
@@ -796,7 +795,8 @@ def read_new_items(folder, modalities, tag_names, encoders, fill, known=(), *, d
     as features); or <m>_feat.npy files with item_ids.txt (one id a line, a row each).
     modalities {m: width}: the content the run was trained with, each required; an item missing one
     (no image, an unreadable one, no text) gets fill[m], as the conversion gives such an item the
-    mean feature. tag_names {block: column names}: the run's tag columns. known: the catalogue's
+    mean feature. tags {block: (width, column names or None)}: the run's tag blocks (a raw metadata
+    file gives them only where the names were recorded at conversion). known: the catalogue's
     ids, which no new item may take (checked, like repeats, before anything is encoded).
     Returns dict(item_ids [n] str, item_feats {m: float32 [n, width]}, item_tags {block: [n, k]})."""
     if not os.path.isdir(folder):
@@ -809,8 +809,8 @@ def read_new_items(folder, modalities, tag_names, encoders, fill, known=(), *, d
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{name}: <m>_feat.npy rows need item_ids.txt, one id a line ({e})") from None
         _check_new_ids(name, ids, known)
-        feats, tags = {}, {}
-        for out, suffix, want in ((feats, "feat", modalities), (tags, "tag", {b: len(c) for b, c in tag_names.items()})):
+        feats, item_tags = {}, {}
+        for out, suffix, want in ((feats, "feat", modalities), (item_tags, "tag", {b: w for b, (w, _) in tags.items()})):
             for m, width in want.items():
                 p = os.path.join(folder, f"{m}_{suffix}.npy")
                 if not os.path.exists(p):
@@ -818,7 +818,7 @@ def read_new_items(folder, modalities, tag_names, encoders, fill, known=(), *, d
                 out[m] = _read_feat(p, len(ids), "ids in item_ids.txt")
                 if out[m].shape[1] != width:
                     raise DataError(f"{m}_{suffix}.npy: {out[m].shape[1]} columns, the run's {m} has {width}")
-        return dict(item_ids=ids, item_feats=feats, item_tags=tags)
+        return dict(item_ids=ids, item_feats=feats, item_tags=item_tags)
     reviews, metas = _raw_files(folder)
     if not metas:
         raise DataError(f"{name}: no new items: expected items.json[l][.gz] or meta_<Cat>.json[l][.gz] (images/ "
@@ -829,13 +829,16 @@ def read_new_items(folder, modalities, tag_names, encoders, fill, known=(), *, d
     if encoders is None:
         raise DataError(f"{name}: the run's features were not encoded from raw files; give its new items as "
                         "<m>_feat.npy with item_ids.txt")
-    other = sorted(set(modalities) - {"text", "image"}) + [f"{b} tags" for b, c in tag_names.items() if c is None]
+    other = sorted(set(modalities) - {"text", "image"}) + [f"{b} tags" for b, (_, c) in tags.items() if c is None]
     if other:
         raise DataError(f"{name}: the run was trained with {', '.join(other)}, which raw item files cannot give: "
                         "give the new items as <m>_feat.npy (and <b>_tag.npy) with item_ids.txt")
-    texts = _read_items(metas[0])
-    ids = np.array(list(texts), dtype=str)
+    missing = [p for p in (encoders[m] for m in modalities) if p is not None and not os.path.isdir(p)]
+    if missing:
+        raise DataError(f"{missing[0]}: the run's encoder folder is gone (new items must be encoded as the catalogue was)")
+    ids = np.array([str(_field(o, "item")) for _, o in _read_jsonl(metas[0]) if _field(o, "item") is not None], str)
     _check_new_ids(os.path.basename(metas[0]), ids, known)
+    texts = _read_items(metas[0], set(ids))
     image_dir = os.path.join(folder, "images")
     files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(image_dir)) if f.lower().endswith(IMAGE_EXT)
              } if os.path.isdir(image_dir) else {}
@@ -851,8 +854,9 @@ def read_new_items(folder, modalities, tag_names, encoders, fill, known=(), *, d
         feats[m] = _encode(encoder, inputs[m], batch_size, f"item {m}s", log, len if m == "text" else None, fill[m])
         if feats[m] is None:
             raise DataError(f"{name}: no new item's {m} is readable, and the run was trained with {m}")
-    tags = {b: x for b, (_, x) in _item_tags(metas[0], ids, tag_names).items() if b in tag_names}
-    return dict(item_ids=ids, item_feats=feats, item_tags=tags)
+    item_tags = {b: x for b, (_, x) in _item_tags(metas[0], ids, {b: c for b, (_, c) in tags.items()}).items()
+                 if b in tags}
+    return dict(item_ids=ids, item_feats=feats, item_tags=item_tags)
 
 
 def _check_new_ids(name, ids, known):

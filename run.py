@@ -291,9 +291,9 @@ def run(args, data, model, load_seconds, out):
     timings["eval"] = eval_seconds
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
     t = time.perf_counter()
-    cold, head = serve.fit_head(data, model, item_feats, trained, ks=args.topk, holdout=args.head_holdout,
+    head_entry, head_npz = serve.fit_head(data, model, item_feats, trained, ks=args.topk, holdout=args.head_holdout,
                                 split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
-    timings["cold"] = time.perf_counter() - t
+    timings["head"] = time.perf_counter() - t
 
     # The deliverables: the kept model, and each user's top K among the items ranked (never a known pair)
     t = time.perf_counter()
@@ -306,7 +306,7 @@ def run(args, data, model, load_seconds, out):
     tsv = serve.recommendations_tsv(data["user_ids"], data["item_ids"], ranked_users, top, scores)
     timings["recommend"] = time.perf_counter() - t
     model_npz = dict(user_emb=res["user_emb"], item_emb=res["item_emb"], user_ids=data["user_ids"],
-                     item_ids=data["item_ids"], ranked_users=ranked_users, ranked_items=ranked_items, **head)
+                     item_ids=data["item_ids"], ranked_users=ranked_users, ranked_items=ranked_items, **head_npz)
     timings["total"] = load_seconds + time.perf_counter() - t0
 
     metrics = dict(
@@ -321,7 +321,8 @@ def run(args, data, model, load_seconds, out):
         **{f"n_{s}": len(data[s][0]) for s in ("train", "valid", "test")}, n_cold_users=data["n_cold"],
         modalities={side: list(w) for side, w in pre.get("modality_weights", dict(user={}, item={})).items()},
         modality_weights=pre.get("modality_weights"), notes=pre.get("notes", []),
-        **{"cold" if data["cold"] else "head": cold}, history=res["history"], args=vars(args) | dict(model=model),
+        cold=head_entry if data["cold"] else None, head=None if data["cold"] else head_entry,
+        history=res["history"], args=vars(args) | dict(model=model),
     )
     os.makedirs(out, exist_ok=True)
     outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode()),
@@ -329,17 +330,19 @@ def run(args, data, model, load_seconds, out):
     if model == "mmcpr":  # the start of fine-tuning, not the model that scored
         outputs["pretrained.npz"] = lambda f: np.savez(f, user_emb=pre["user_emb"], item_emb=pre["item_emb"])
     write_atomic(out, outputs)
-    if model != "mmcpr" and os.path.exists(os.path.join(out, "pretrained.npz")):  # a reused --out: one run's files
-        os.unlink(os.path.join(out, "pretrained.npz"))
+    for stale in {"pretrained.npz", "user_emb.npy", "item_emb.npy"} - set(outputs):  # a reused --out: one run's files
+        if os.path.exists(os.path.join(out, stale)):
+            os.unlink(os.path.join(out, stale))
     ks = args.topk
     print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
           + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s; model, recommendations, metrics in {out}/")
     print("split".ljust(10) + "".join(f"{m}@{k}".rjust(14) for k in ks for m in ("recall", "ndcg")))
     for s in ("valid", "test"):
         print(s.ljust(10) + "".join(f"{metrics[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
-    for s in ("valid", "test") if data["cold"] and cold["test"] else ():
+    cold = metrics["cold"]
+    for s in ("valid", "test") if cold and cold["test"] else ():
         print(f"cold-{s}".ljust(10) + "".join(f"{cold[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
-    if data["cold"] and cold["note"]:
+    if cold and cold["note"]:
         print(f"new items: {cold['note']}")
     return metrics
 
@@ -349,6 +352,8 @@ def main(argv=None):
     if args.serve:  # a finished run ranks new items: no training
         out = args.out or os.path.join(args.serve, "new-" + os.path.basename(os.path.abspath(args.new_items)))
         try:
+            if os.path.exists(os.path.join(out, "model.npz")):
+                raise features.DataError(f"--out {out} holds a run: its recommendations.tsv would be overwritten")
             check_writable(out)
             outputs = serve.serve(args.serve, args.new_items, args.recommend_k, args.device)
             os.makedirs(out, exist_ok=True)

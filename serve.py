@@ -23,6 +23,8 @@ and, where there is a content head:
     head_W [F + 1, d]                  float64 ridge weights from content (last row: the bias) to item_emb's space
     head_user_emb [U, d], head_profile [U, F], head_sd_head, head_sd_prof, head_beta, head_ridge
                                        the head's users: score = e_u . x W / sd_head + beta p_u . x̂ / sd_prof
+    head_start                         str, the fine-tuned model the head serves from: 'pretrained', or with
+                                       --start best possibly 'scratch' where the kept model is the other
     tag_<b> [k]                        str, the columns of tag block b (raw data)
     encoder_text, encoder_image, precision   str, how the catalogue was encoded ('' : the packaged model)
 """
@@ -61,17 +63,17 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
     tag_blocks = {f"{b} tags": x for b, x in data["item_tags"].items()} if tags else {}
     blocks = {**item_feats, **tag_blocks}  # tags: a block each, as a modality
     fit_items, train = np.unique(data["train"][1]), data["train"]  # the items with a trained embedding
-    evaluator = lambda target, items: recommender.Evaluator(data["n_items"], train, target, ks, device=device,
-                                                            candidates=items)
+    evaluator = lambda train, target, items: recommender.Evaluator(data["n_items"], train, target, ks, device=device,
+                                                                   candidates=items)
     if c:
-        ev = {s: evaluator(c[s], c[f"{s}_items"]) for s in ("valid", "test")}
+        ev = {s: evaluator(train, c[s], c[f"{s}_items"]) for s in ("valid", "test")}
         entry.update(chosen_on="cold-valid")
     else:  # pseudo-new items choose the settings
         held = np.sort(np.random.default_rng(split_seed).choice(fit_items, max(1, round(holdout * len(fit_items))),
                                                                 replace=False))
         new = np.isin(train[1], held)
         fit_items, train = np.setdiff1d(fit_items, held), (train[0][~new], train[1][~new])
-        ev = dict(valid=evaluator((data["train"][0][new], data["train"][1][new]), held))
+        ev = dict(valid=evaluator(train, (data["train"][0][new], data["train"][1][new]), held))
         entry = dict(chosen_on=f"pseudo-new items: {len(held)} of the trained items, their {int(new.sum())} "
                                "training pairs the targets")
     user_emb = {s: torch.as_tensor(r["user_emb"], device=device) for s, r in trained.items()}
@@ -96,7 +98,8 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
         head = recommender.fit_content_head(recommender.content_matrix(blocks, stats), trained[start]["item_emb"],
                                             fit_items, user_emb[start], train, None, (head["ridge"],), (head["beta"],))
     names = {b: data["item_tag_names"].get(b) for b in (data["item_tags"] if tags else [])}
-    return entry, head_arrays(head, stats, blocks, trained[start]["user_emb"], names, data.get("encoders"))
+    return entry, head_arrays(head, stats, blocks, trained[start]["user_emb"], names, data.get("encoders")) | dict(
+        head_start=np.array(start))
 
 
 def head_arrays(head, stats, blocks, user_emb, tag_names, encoders):
@@ -143,10 +146,11 @@ def load_run(folder):
 
 
 def serve(run_dir, new_dir, k=20, device="cpu", log=print):
-    """Rank the new items of new_dir for every user of the finished run in run_dir with its
-    content head. Returns the outputs for write_atomic: recommendations.tsv (each user's top k
-    new items) and new_items.npz (item_ids; item_emb [n, d]: x W, the new items in the model's
-    space, beside model.npz's item_emb; head_item [n, d + F]: what the head's users score)."""
+    """Rank the new items of new_dir for every user of the finished run in run_dir (each with a
+    training pair) with its content head. Returns the outputs for write_atomic:
+    recommendations.tsv (each user's top k new items) and new_items.npz: item_ids, item_vec
+    [n, d + F], the new items' head vectors [x W, x̂], to index beside the head's user vectors
+    recommender.head_users: [head_user_emb / sd_head, beta head_profile / sd_prof]."""
     m = load_run(run_dir)
     if "head_W" not in m:
         raise features.DataError(f"{run_dir}: its model has no content head to rank new items with "
@@ -154,11 +158,11 @@ def serve(run_dir, new_dir, k=20, device="cpu", log=print):
     widths = dict(zip(m["head_blocks"].tolist(), m["head_widths"].tolist()))
     ends = np.cumsum(m["head_widths"])
     part = lambda x: {b: x[e - w:e] for (b, w), e in zip(widths.items(), ends)}  # [F] -> {block: [w]}
-    tag_blocks = [b[:-len(" tags")] for b in widths if b.endswith(" tags")]
+    tags = {b[:-len(" tags")]: w for b, w in widths.items() if b.endswith(" tags")}
     encoders = dict(text=str(m["encoder_text"]) or None, image=str(m["encoder_image"]) or None,
                     precision=str(m["precision"])) if "precision" in m else None
     new = features.read_new_items(new_dir, {b: w for b, w in widths.items() if not b.endswith(" tags")},
-                                  {b: m[f"tag_{b}"].tolist() if f"tag_{b}" in m else None for b in tag_blocks},
+                                  {b: (w, m[f"tag_{b}"].tolist() if f"tag_{b}" in m else None) for b, w in tags.items()},
                                   encoders, part(m["head_fill"]), m["item_ids"][m["ranked_items"]], device=device,
                                   log=log)
     ids = new["item_ids"]
@@ -170,8 +174,7 @@ def serve(run_dir, new_dir, k=20, device="cpu", log=print):
     users = recommender.head_users(head, torch.as_tensor(m["head_user_emb"]))  # [U, d + F]
     top, scores = recommender.recommend(users.to(device), items.to(device), m["ranked_users"],
                                         (np.zeros(0, np.int64),) * 2, k)
-    d = m["head_W"].shape[1]
-    log(f"served {len(ids)} new items to {len(m['ranked_users'])} users")
+    log(f"served {len(ids)} new items to {len(m['ranked_users'])} users, from the {m['head_start']} start's space")
     tsv = recommendations_tsv(m["user_ids"], ids, m["ranked_users"], top, scores)
     return {"recommendations.tsv": lambda f: f.write(tsv),
-            "new_items.npz": lambda f: np.savez(f, item_ids=ids, item_emb=items[:, :d].numpy(), head_item=items.numpy())}
+            "new_items.npz": lambda f: np.savez(f, item_ids=ids, item_vec=items.numpy())}

@@ -141,8 +141,14 @@ def test_serving_new_items_from_raw_files_reproduces_the_cold_test_recall(raw_ru
     for k in (10, 20):  # the Evaluator sums in float32
         assert recall_at(k, rows, pairs) == pytest.approx(m["cold"]["test"][f"recall@{k}"], abs=1e-6)
     with np.load(served / "new_items.npz", allow_pickle=False) as n:
-        assert sorted(n["item_ids"].tolist()) == sorted(cold_test) and n["item_emb"].shape == (len(cold_test), 64)
-        assert n["head_item"].shape[1] == z["head_user_emb"].shape[1] + z["head_profile"].shape[1]
+        assert sorted(n["item_ids"].tolist()) == sorted(cold_test)
+        assert n["item_vec"].shape == (len(cold_test), 64 + z["head_profile"].shape[1])
+        users = recommender.head_users(dict(profile=z["head_profile"], sd_head=z["head_sd_head"],
+                                            sd_prof=z["head_sd_prof"], beta=z["head_beta"]), torch.from_numpy(z["head_user_emb"]))
+        rows = {(u, i): s for u, i, _, s in rows}  # the served scores are the head's users against item_vec
+        user_row, item_row = {u: k for k, u in enumerate(z["user_ids"])}, {i: k for k, i in enumerate(n["item_ids"])}
+        got = np.array([users[user_row[u]].numpy() @ n["item_vec"][item_row[i]] for u, i in rows])
+        np.testing.assert_allclose(got, list(rows.values()), rtol=1e-5, atol=1e-5)
 
 
 def test_serving_feature_rows_matches_the_runs_own_head(tmp_path):
@@ -162,7 +168,7 @@ def test_serving_feature_rows_matches_the_runs_own_head(tmp_path):
              for b, w, e in zip(z["head_blocks"], z["head_widths"], ends)}
     own = recommender.head_items(recommender.content_matrix(feats, stats), z["head_W"])[[3, 7]]
     with np.load(tmp_path / "served" / "new_items.npz", allow_pickle=False) as n:
-        np.testing.assert_array_equal(n["head_item"], own.numpy())
+        np.testing.assert_array_equal(n["item_vec"], own.numpy())
     assert len(read_tsv(tmp_path / "served" / "recommendations.tsv")) == 2 * 60
 
 
@@ -194,8 +200,37 @@ def test_bad_input_to_serve_is_one_line_exit_2_and_writes_nothing(tmp_path, raw_
     (wide / "item_ids.txt").write_text("a\nb\n")
     assert run("--data", toy, "--out", tmp_path / "mm", *TRAIN).returncode == 0
     cases["audio_feat.npy: 8 columns, the run's audio has 7"] = (tmp_path / "mm", wide)
+    cases["were not encoded from raw files"] = (tmp_path / "mm", new)  # an MMRec-layout run: features, not files
+    no_audio = tmp_path / "no-audio"
+    shutil.copytree(wide, no_audio)
+    (no_audio / "audio_feat.npy").unlink()
+    cases["no audio_feat.npy, and the run was trained with audio"] = (tmp_path / "mm", no_audio)
+    twice = tmp_path / "twice"
+    shutil.copytree(new, twice)
+    (twice / "items.jsonl").write_text((new / "items.jsonl").read_text() * 2)
+    cases["appears twice"] = (out, twice)
     for message, (run_dir, items) in cases.items():
         p = run("--serve", run_dir, "--new-items", items, "--out", tmp_path / "served")
         assert p.returncode == 2 and message in p.stderr, (message, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: ")
         assert not (tmp_path / "served").exists()
+    p = run("--serve", out, "--new-items", new, "--out", out)  # into the run itself
+    assert p.returncode == 2 and "holds a run" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_tag_blocks_without_recorded_names_serve_from_feature_rows(tmp_path):
+    """An MMRec-layout folder with a hand-made <b>_tag.npy: its head reads the tags, and new items bring theirs."""
+    data, out, new = make_dataset(tmp_path / "toy"), tmp_path / "out", tmp_path / "new"
+    np.save(data / "genre_tag.npy", (np.arange(40)[:, None] % 3 == np.arange(3)).astype(np.float32))
+    assert run("--data", data, "--out", out, *TRAIN).returncode == 0
+    _, z = load(out)
+    assert z["head_blocks"].tolist() == ["audio", "image", "genre tags"] and "tag_genre" not in z
+    new.mkdir()
+    for m in ("audio_feat", "image_feat", "genre_tag"):
+        np.save(new / f"{m}.npy", np.load(data / f"{m}.npy")[[2, 5]])
+    (new / "item_ids.txt").write_text("n2\nn5\n")
+    p = run("--serve", out, "--new-items", new, "--out", tmp_path / "served")
+    assert p.returncode == 0, p.stderr
+    (new / "genre_tag.npy").unlink()
+    p = run("--serve", out, "--new-items", new, "--out", tmp_path / "served2")
+    assert p.returncode == 2 and "no genre_tag.npy" in p.stderr
