@@ -14,6 +14,8 @@ In paper order:
    `alignment_loss`);
 5. pre-training objective: BCE on observed vs sampled unobserved (user, item) pairs
    plus lambda_align * alignment plus L2 on the batch's ego representations (`pretrain`).
+   A checkpoint file lets an interrupted pre-training resume where it stopped, with the
+   result of an uninterrupted one (`save_checkpoint`, `load_checkpoint`).
 
 Choices where the paper is silent, each with the `pretrain` flag that sets it (default):
 - `knn` (10, chosen on a valid split): a node keeps its top-k neighbours by co-interaction count (ties to the lower
@@ -60,6 +62,7 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
 """
 
 import itertools
+import os
 import time
 import warnings
 
@@ -336,10 +339,39 @@ class MMCPR(nn.Module):
 # -----------------------------------------------------------------------------
 # pre-training
 
+def save_checkpoint(path, state):
+    """torch.save `state` to a temporary file beside `path`, flushed to disk, then renamed over
+    it: a checkpoint is the old one or the new one in full, never half-written."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path, log=print):
+    """The state saved at `path`; None where there is none, or where it cannot be read
+    (truncated, corrupt), which is reported in one line: the pre-training then starts afresh."""
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:                                             # truncated, corrupt, I/O: start afresh
+        reason = str(e).partition('\n')[0]
+        log(f'checkpoint {path} is unreadable ({type(e).__name__}: {reason}); starting the pre-training afresh')
+        return None
+
+
 def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=100, batch=8192,
              align_batch=1024, lr=1e-2, neg=8, tau=0.2, lambda_align=0.01, l2=1e-3, fusion='attention',
              modality_dropout=0.0, id_dropout=0.0, new_items=None, user_graph=True, item_graph=True, align=True,
-             standardize=True, device='cpu', seed=0, log=print):
+             standardize=True, device='cpu', seed=0, log=print, checkpoint=None, checkpoint_every=60.0,
+             stop=None):
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content
     features {name: [I, f]} and optional user review features [U, f]. Returns a dict of
     user_emb [U, d], item_emb [I, d] (fused h after training), item_content_emb [I, d] (h_i
@@ -351,7 +383,15 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     modality is masked, it is never a sampled negative, and its features do not enter the
     standardisation.
     id_dropout: DropoutNet's, each training step masks each item's ID modality with this
-    probability, so that the BCE also trains h_i from content alone."""
+    probability, so that the BCE also trains h_i from content alone.
+    checkpoint (a file path): resume from it where it exists and is readable, and write it
+    (save_checkpoint) at the end of an epoch once checkpoint_every seconds have passed since
+    the last write, and on stopping. It holds the parameters (not the features or graphs,
+    rebuilt from the inputs), Adam's state, the numpy and torch RNG states and the losses, so a
+    resumed pre-training ends as an uninterrupted one (on the CPU, at the same thread count:
+    bit for bit). It must come from the same call.
+    stop (a callable): asked at the end of every epoch; once it returns True the checkpoint is
+    written and KeyboardInterrupt raised."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     R = (sp.csr_matrix(R) != 0).astype(np.float32)
@@ -397,8 +437,21 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     users, items = R.nonzero()                                         # training pairs
     keys = np.sort(users.astype(np.int64) * n_items + items)
 
-    epoch_seconds, losses = [], []
-    for epoch in range(epochs):
+    epoch_seconds, losses, done = [], [], 0
+    state = load_checkpoint(checkpoint, log)
+    if state is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(state['params'][name])
+        opt.load_state_dict(state['opt'])
+        rng.bit_generator.state = state['rng']
+        torch.set_rng_state(state['torch_rng'])
+        if state['cuda_rng'] is not None:
+            torch.cuda.set_rng_state(state['cuda_rng'], device)
+        done, epoch_seconds, losses = state['epoch'], state['epoch_seconds'], state['losses']
+        log(f'pre-training: resumed from {checkpoint} after epoch {done}')
+    saved = time.perf_counter()
+    for epoch in range(done, epochs):
         t = time.perf_counter()
         perm = rng.permutation(len(users))
         total = np.zeros(3)                                            # bce, align, total
@@ -425,6 +478,16 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         losses.append(dict(zip(('bce', 'align', 'total'), (total / len(users)).tolist())))
         log(f"epoch {epoch + 1:3d}  bce {losses[-1]['bce']:.4f}  align {losses[-1]['align']:.4f}  "
             f'{epoch_seconds[-1]:.2f}s')
+        stopping = stop is not None and stop()
+        if checkpoint is not None and (stopping or time.perf_counter() - saved >= checkpoint_every):
+            save_checkpoint(checkpoint, dict(
+                epoch=epoch + 1, params={name: p.detach().cpu() for name, p in model.named_parameters()},
+                opt=opt.state_dict(), rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state(device) if torch.device(device).type == 'cuda' else None,
+                epoch_seconds=epoch_seconds, losses=losses))
+            saved = time.perf_counter()
+        if stopping:
+            raise KeyboardInterrupt(f'pre-training: stopped after epoch {epoch + 1}')
 
     with torch.no_grad():                                              # eval mode: no modality dropout
         h_u, h_i, _, _, alpha_u, alpha_i = model.eval()()

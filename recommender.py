@@ -10,7 +10,8 @@ such models, self-contained:
     LightGCN           He et al. (SIGIR 2020): e_u, e_i averaged over K
                        propagations on the normalised user-item graph
     bpr_loss           the pairwise loss both are trained with
-    train              Adam, early stopping on valid Recall@20, best-valid test
+    train              Adam, early stopping on valid Recall@20, best-valid test;
+                       resumable from a checkpoint file
     fit_content_head   new items (no pairs yet) scored from their content, in
                        the trained model's space (content_matrix, head_items,
                        head_users)
@@ -20,6 +21,7 @@ Everything takes plain numpy arrays of (user, item) pairs and, for the
 hand-off, optional initial (layer-0) embeddings. Nothing here imports the rest
 of the project.
 """
+import os
 import time
 import warnings
 
@@ -378,9 +380,38 @@ PATIENCE = 100
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1)
 
 
+def save_checkpoint(path, state):
+    """torch.save `state` to a temporary file beside `path`, flushed to disk, then renamed over
+    it: a checkpoint is the old one or the new one in full, never half-written."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path, log=print):
+    """The state saved at `path`; None where there is none, or where it cannot be read
+    (truncated, corrupt), which is reported in one line: the training then starts afresh."""
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a bad pickle, an I/O error: all mean "start afresh"
+        reason = str(e).partition("\n")[0]
+        log(f"checkpoint {path} is unreadable ({type(e).__name__}: {reason}); starting this training afresh")
+        return None
+
+
 def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None, dim=64, lr=None, l2=None,
           batch=2048, epochs=1000, patience=PATIENCE, ks=(10, 20, 50), user_init=None, item_init=None,
-          rescale=True, items=None, device="cpu", seed=0, log=print):
+          rescale=True, items=None, device="cpu", seed=0, log=print,
+          checkpoint=None, checkpoint_every=60.0, stop=None):
     """Train MF-BPR or LightGCN-BPR, select the epoch on valid Recall@20, report test there.
 
     Each epoch draws one uniform negative per training pair; the loss of a batch
@@ -394,6 +425,16 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     Returns dict(best_epoch, valid, test, scale (of the start, or None),
     user_emb, item_emb (the final embeddings that scored), epoch_seconds,
     eval_seconds, history).
+
+    checkpoint (a file path): resume from it where it exists and is readable,
+    and write it (save_checkpoint) at the end of an epoch once checkpoint_every
+    seconds have passed since the last write, and on stopping. It holds
+    everything later epochs depend on: the embeddings, Adam's state, the numpy
+    and torch RNG states, the start's scale, the history, the best epoch and
+    its embeddings; so a resumed training ends as an uninterrupted one, bit for
+    bit on the CPU at the same thread count. It must come from the same call.
+    stop (a callable): asked at the end of every epoch; once it returns True the
+    checkpoint is written and KeyboardInterrupt raised.
     """
     if model not in TUNED:
         raise ValueError(f"unknown model {model!r} (mf or lightgcn)")
@@ -417,14 +458,6 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)  # fused: one kernel for the whole update
     users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     ev_valid, ev_test = (Evaluator(n_items, (users, items), s, ks, device=device, candidates=pool) for s in (valid, test))
-    scale = None
-    if rescale and user_init is not None:
-        negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, np.random.default_rng(seed), pool), device=device)
-        scale = fit_scale(net, torch.stack([users_t, items_t + n_users, negs + n_users]))
-        with torch.no_grad():
-            net.ego.mul_(scale)
-        log(f"{model}: pre-trained start rescaled by {scale:.3f}")
-
     epoch_seconds, eval_seconds = [], []
 
     def evaluate(ev):
@@ -433,11 +466,32 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         eval_seconds.append(time.perf_counter() - t)
         return m
 
-    best = evaluate(ev_valid)
-    best_epoch, best_state = 0, net.ego.detach().clone()
-    history = [dict(epoch=0, loss=None, **{f"valid_{k}": v for k, v in best.items()})]
-    log(f"{model} epoch 0 (init): valid recall@20 {best['recall@20']:.4f}")
-    for epoch in range(1, epochs + 1):
+    state = load_checkpoint(checkpoint, log)
+    if state is None:
+        scale = None
+        if rescale and user_init is not None:
+            negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, np.random.default_rng(seed), pool),
+                                   device=device)
+            scale = fit_scale(net, torch.stack([users_t, items_t + n_users, negs + n_users]))
+            with torch.no_grad():
+                net.ego.mul_(scale)
+            log(f"{model}: pre-trained start rescaled by {scale:.3f}")
+        best = evaluate(ev_valid)
+        done, best_epoch, best_state = 0, 0, net.ego.detach().clone()
+        history = [dict(epoch=0, loss=None, **{f"valid_{k}": v for k, v in best.items()})]
+        log(f"{model} epoch 0 (init): valid recall@20 {best['recall@20']:.4f}")
+    else:
+        with torch.no_grad():
+            net.ego.copy_(state["ego"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        done, scale, best, best_epoch, history = (state[k] for k in ("epoch", "scale", "best", "best_epoch", "history"))
+        best_state = state["best_state"].to(device)
+        epoch_seconds, eval_seconds = state["epoch_seconds"], state["eval_seconds"]
+        log(f"{model}: resumed from {checkpoint} after epoch {done} (best so far: epoch {best_epoch})")
+    saved = time.perf_counter()
+    for epoch in range(done + 1, epochs + 1):
         t = time.perf_counter()
         perm = torch.as_tensor(rng.permutation(len(users)), device=device)
         negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, rng, pool), device=device)
@@ -461,6 +515,15 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
             best_state = net.ego.detach().clone()
         elif epoch - best_epoch >= patience:
             break
+        stopping = stop is not None and stop()
+        if checkpoint is not None and (stopping or time.perf_counter() - saved >= checkpoint_every):
+            save_checkpoint(checkpoint, dict(
+                epoch=epoch, ego=net.ego.detach().cpu(), opt=opt.state_dict(), rng=rng.bit_generator.state,
+                torch_rng=torch.get_rng_state(), scale=scale, best=best, best_epoch=best_epoch, history=history,
+                best_state=best_state.cpu(), epoch_seconds=epoch_seconds, eval_seconds=eval_seconds))
+            saved = time.perf_counter()
+        if stopping:
+            raise KeyboardInterrupt(f"{model}: stopped after epoch {epoch}")
     with torch.no_grad():
         net.ego.copy_(best_state)
     test_m = evaluate(ev_test)

@@ -11,14 +11,26 @@ Data flows one way: load (features.py) -> graphs and pre-training (mmcpr.py)
 -> the run folder: model.npz, recommendations.tsv, metrics.json (serve.py says
 what each holds). The three modules never import each other; this file wires
 them together with plain numpy arrays.
+
+An interrupted run resumes: the same command, in the same folder, carries on
+from OUT/progress/ (the settings, each finished unit, the checkpoint of the one
+in flight) and ends with an uninterrupted run's metrics.json; the folder is
+removed once metrics.json is written. SIGINT or SIGTERM stop a run at the end
+of the current epoch (seconds) with a checkpoint, exit 130 or 143; a second one
+stops it at once. Progress of other settings in the folder (a reused --out) is
+refused, exit 2, never resumed or overwritten; --fresh discards it.
 """
 import argparse
 import hashlib
 import json
 import os
+import shlex
+import shutil
+import signal
 import sys
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 import scipy.sparse as sp
@@ -46,6 +58,9 @@ def parse_args(argv=None):
                                      "--out, default RUN/new-<DIR's name>): no training")
     a("--new-items", metavar="DIR", help="--serve: the new items, an items.jsonl or meta_<Cat>.json[l][.gz] "
                                          "(images/ beside it), or <m>_feat.npy with item_ids.txt")
+    a("--fresh", action="store_true", help="discard the progress an interrupted run left in the folder; start over")
+    a("--checkpoint-every", type=float, default=60.0,
+      help="seconds between checkpoints within a pre-training or a fine-tuning (written at an epoch's end)")
     a("--cold-items", type=float, default=0.0,
       help="item cold start: this fraction of the items (drawn by --split-seed) is new, their pairs out of "
            "training; half are ranked for cold-valid, half for cold-test (default 0: off)")
@@ -146,6 +161,8 @@ def parse_args(argv=None):
         p.error("--cold-items must be in [0, 1)")
     if not 0.025 <= args.tau < np.inf:
         p.error("--tau must be at least 0.025 (below, float32 exp underflows in the InfoNCE)")
+    if not args.checkpoint_every >= 0:
+        p.error("--checkpoint-every must be a non-negative number of seconds")
     if args.seed < 0 or args.split_seed < 0:
         p.error("--seed and --split-seed must be at least 0")
     for name in ("lr", "pretrain_lr"):
@@ -162,12 +179,18 @@ def parse_args(argv=None):
     return args
 
 
+def settings(args, model):
+    """Every setting that can change the result, JSON-able."""
+    s = {k: v for k, v in sorted(vars(args).items())
+         if k not in ("data", "out", "rebuild_features", "fresh", "checkpoint_every", "serve", "new_items")}
+    s.update(model=model, data=os.path.abspath(args.data) if args.data else None)
+    return json.loads(json.dumps(s, sort_keys=True, default=str))
+
+
 def run_name(args, dataset, model):
     """<dataset>-<model>-s<seed>-<digest>: the digest covers every setting that can change
     the result, so runs with different settings never share (or overwrite) a folder."""
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("data", "out", "rebuild_features", "serve", "new_items")}
-    settings.update(model=model, data=os.path.abspath(args.data) if args.data else None)
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(settings(args, model), sort_keys=True).encode()).hexdigest()[:8]
     return f"{dataset}-{model}" + (f"+{args.recommender}" if model == "mmcpr" else "") + f"-s{args.seed}-{digest}"
 
 
@@ -199,13 +222,78 @@ def write_atomic(folder, outputs):
                 os.unlink(tmp)
 
 
-def run(args, data, model, load_seconds, out):
+def open_progress(args, model, out):
+    """OUT/progress/, where a run keeps what it has done until metrics.json is written, with
+    the run's settings in settings.json: created, or, left by an interrupted run of the same
+    settings, resumed (one line says from what). --fresh discards it first; an unreadable
+    settings.json is reported and the progress discarded. Progress of other settings is never
+    resumed or overwritten: FileExistsError, naming the settings that differ."""
+    prog, want = os.path.join(out, "progress"), settings(args, model)
+    if args.fresh and os.path.isdir(prog):
+        print(f"--fresh: discarding the progress in {prog}/")
+        shutil.rmtree(prog)
+    if os.path.isdir(prog):
+        try:
+            with open(os.path.join(prog, "settings.json")) as f:
+                have = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"{prog}/settings.json is unreadable ({type(e).__name__}): discarding that progress, starting afresh")
+            shutil.rmtree(prog)
+        else:
+            if have != want:
+                differ = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+                raise FileExistsError(f"{prog}/ holds the progress of a run with other settings (differing: "
+                                      f"{', '.join(differ)}): rerun with those, or add --fresh to discard it")
+            done = sorted(f for f in os.listdir(prog) if f.endswith((".npz", ".pt")))
+            print(f"resuming the run in {out}/ from {prog}/: {', '.join(done) or 'nothing finished yet'}")
+            return prog
+    os.makedirs(prog)
+    write_atomic(prog, {"settings.json": lambda f: f.write(json.dumps(want, indent=1).encode())})
+    return prog
+
+
+def discard_progress(out):
+    """Remove OUT/progress/, and OUT if that leaves it empty."""
+    shutil.rmtree(os.path.join(out, "progress"), ignore_errors=True)
+    try:
+        os.rmdir(out)
+    except OSError:  # not empty, or not there
+        pass
+
+
+def unit(prog, name, stop, train):
+    """One resumable unit of a run, the pre-training or one fine-tuning: its result, loaded from
+    prog/<name>.npz where an earlier invocation finished it; else train(checkpoint) with the
+    checkpoint file prog/<name>.pt, its result (a dict of numpy arrays and JSON values) saved to
+    prog/<name>.npz atomically, then that checkpoint removed. An unreadable result is reported
+    in one line and the unit trained again. stop(): asked first; True raises KeyboardInterrupt."""
+    path, checkpoint = os.path.join(prog, f"{name}.npz"), os.path.join(prog, f"{name}.pt")
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return json.loads(str(z["json"])) | {k: z[k] for k in z.files if k != "json"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f"{path} is unreadable ({type(e).__name__}): training {name} again")
+    if stop is not None and stop():
+        raise KeyboardInterrupt(f"stopped before {name}")
+    res = train(checkpoint)
+    arrays = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
+    rest = np.array(json.dumps({k: v for k, v in res.items() if k not in arrays}))
+    write_atomic(prog, {f"{name}.npz": lambda f: np.savez(f, json=rest, **arrays)})
+    if os.path.exists(checkpoint):
+        os.unlink(checkpoint)
+    return res
+
+
+def run(args, data, model, load_seconds, out, stop=None):
     """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; once
     everything has finished, writes into `out` metrics.json, model.npz (the kept model and, for
     mmcpr with item content, its new-item head), recommendations.tsv and, for mmcpr,
-    pretrained.npz (the start of fine-tuning); returns the metrics dict."""
+    pretrained.npz (the start of fine-tuning); returns the metrics dict. Resumes from
+    out/progress/ (open_progress); stop(), asked at the end of every epoch, stops the run with a
+    checkpoint once it returns True (KeyboardInterrupt). timings_s count this invocation's seconds."""
     t0 = time.perf_counter()
-    timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0)
+    timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
     item_feats, user_feat = data["item_feats"], None if args.no_reviews else data["user_feat"]
     if model == "mmcpr" and data["cold"] and user_feat is not None:  # it pools reviews of new items too
         print("note: --cold-items ignores review_feat.npy: it was built from training reviews that include the "
@@ -228,24 +316,31 @@ def run(args, data, model, load_seconds, out):
         pool = "item" if warm is None else f"warm item ({n_pool} once --cold-items holds the new ones out)"
         raise features.DataError(f"{data['name']}: user {full[0]} has trained on every {pool}: no negative to sample")
 
+    prog = open_progress(args, model, out)
     init, pre = {}, {}
     if model == "mmcpr":
         u, i = data["train"]
         R = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(data["n_users"], data["n_items"]))
-        t = time.perf_counter()
-        pre = mmcpr.pretrain(R, item_feats, user_feat, dim=args.dim, knn=args.knn, layers=args.layers,
-                             epochs=args.pretrain_epochs, batch=args.pretrain_batch,
-                             align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
-                             tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
-                             modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
-                             new_items=new,
-                             user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
-                             align=not args.no_align, standardize=not args.no_standardize,
-                             device=args.device, seed=args.seed, log=print)
-        timings["graphs"] = pre["graph_seconds"]
-        timings["pretrain"] = time.perf_counter() - t - pre["graph_seconds"]
-        if not (np.isfinite(pre["user_emb"]).all() and np.isfinite(pre["item_emb"]).all()):
-            raise FloatingPointError("pre-training diverged: non-finite representations (try a lower --pretrain-lr)")
+
+        def pretrain(checkpoint):
+            t = time.perf_counter()
+            pre = mmcpr.pretrain(R, item_feats, user_feat, dim=args.dim, knn=args.knn, layers=args.layers,
+                                 epochs=args.pretrain_epochs, batch=args.pretrain_batch,
+                                 align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
+                                 tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
+                                 modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
+                                 new_items=new,
+                                 user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
+                                 align=not args.no_align, standardize=not args.no_standardize,
+                                 device=args.device, seed=args.seed, log=print,
+                                 checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop)
+            timings["graphs"] = pre["graph_seconds"]
+            timings["pretrain"] = time.perf_counter() - t - pre["graph_seconds"]
+            if not (np.isfinite(pre["user_emb"]).all() and np.isfinite(pre["item_emb"]).all()):
+                raise FloatingPointError("pre-training diverged: non-finite representations (try a lower --pretrain-lr)")
+            return pre
+
+        pre = unit(prog, "pretrain", stop, pretrain)
         init = dict(user_init=pre["user_emb"], item_init=pre["item_emb"])
         for side, w in pre["modality_weights"].items():
             print(f"mean {side} modality weights: " + ", ".join(f"{m} {v:.3f}" for m, v in w.items()))
@@ -254,24 +349,28 @@ def run(args, data, model, load_seconds, out):
 
     # The L2 grid (MMRec's convention): every value fine-tunes the same start with early stopping,
     # and the one with the best valid Recall@20 is kept, its test metrics the result. Test is never read to choose.
-    def fine_tune(l2, **init):
-        try:
-            return recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
-                                     model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=l2,
-                                     batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
-                                     rescale=not args.no_rescale, items=warm,
-                                     device=args.device, seed=args.seed, log=print, **init)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{downstream} with l2 {l2:g}: {e} (try a lower --lr)") from None
+    def fine_tune(name, l2, **init):  # a unit of the run: prog/<name>.npz once finished
+        def train(checkpoint):
+            try:
+                r = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
+                                      model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=l2,
+                                      batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
+                                      rescale=not args.no_rescale, items=warm,
+                                      device=args.device, seed=args.seed, log=print,
+                                      checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop, **init)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{downstream} with l2 {l2:g}: {e} (try a lower --lr)") from None
+            timings["eval"] += sum(r["eval_seconds"])
+            return r
+        return unit(prog, name, stop, train)
 
     t = time.perf_counter()
-    l2s, grid, res, eval_seconds = args.l2 or (recommender.TUNED[downstream]["l2"],), [], None, 0.0
+    l2s, grid, res = args.l2 or (recommender.TUNED[downstream]["l2"],), [], None
     for k, l2 in enumerate(l2s):
         if len(l2s) > 1:
             print(f"--- {downstream} with l2 {l2:g} ({k + 1} of {len(l2s)})")
-        r = fine_tune(l2, **init)
+        r = fine_tune(f"finetune-{l2!r}", l2, **init)
         grid.append({"l2": l2, "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
-        eval_seconds += sum(r["eval_seconds"])
         if res is None or r["valid"]["recall@20"] > res["valid"]["recall@20"]:
             res, kept = r, l2
     if len(l2s) > 1:
@@ -281,18 +380,16 @@ def run(args, data, model, load_seconds, out):
     trained, scratch = {start: res}, None  # the fine-tuned models the new items may be served from
     if init and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
         print(f"--- {downstream} from its own random start (scratch), l2 {kept:g}")
-        own = trained["scratch"] = fine_tune(kept)
-        eval_seconds += sum(own["eval_seconds"])
+        own = trained["scratch"] = fine_tune(f"scratch-{kept!r}", kept)
         scratch = {"best_epoch": own["best_epoch"], "valid_recall@20": own["valid"]["recall@20"]}
         start = "scratch" if own["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
         print(f"start kept: {start} (valid recall@20: pretrained {res['valid']['recall@20']:.4f}, "
               f"scratch {own['valid']['recall@20']:.4f})")
         res = trained[start]
-    timings["eval"] = eval_seconds
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
     t = time.perf_counter()
     head_entry, head_npz = serve.fit_head(data, model, item_feats, trained, ks=args.topk, holdout=args.head_holdout,
-                                split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
+                                          split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
     timings["head"] = time.perf_counter() - t
 
     # The deliverables: the kept model, and each user's top K among the items ranked (never a known pair)
@@ -333,6 +430,7 @@ def run(args, data, model, load_seconds, out):
     for stale in {"pretrained.npz", "user_emb.npy", "item_emb.npy"} - set(outputs):  # a reused --out: one run's files
         if os.path.exists(os.path.join(out, stale)):
             os.unlink(os.path.join(out, stale))
+    shutil.rmtree(prog)  # the run folder keeps the deliverables, not the progress
     ks = args.topk
     print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
           + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s; model, recommendations, metrics in {out}/")
@@ -383,15 +481,37 @@ def main(argv=None):
     except (features.DataError, ImportError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = {}
+    results, signals = {}, []
+
+    def on_signal(signum, frame):  # the first stops the run at the end of the epoch, a second at once
+        signals.append(signum)
+        if len(signals) > 1:
+            print(f"stopped at once: {os.path.join(out, 'progress')}/ keeps the last checkpoint; the same command "
+                  "resumes", file=sys.stderr)
+            sys.exit(128 + signals[0])
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:  # training: only bad input and divergence are one line; anything else is a bug, with its traceback
         for m in models:  # --out names the folder of a single run; the demo puts its runs under it
             name = run_name(args, data["name"], m)
             out = args.out if args.out and args.data else os.path.join(args.out or "runs", name)
-            results[m] = run(args, data, m, load_seconds, out)
-    except (features.DataError, FloatingPointError, PermissionError) as e:
+            results[m] = run(args, data, m, load_seconds, out, stop=lambda: bool(signals))
+    except KeyboardInterrupt:  # from stop(): the checkpoint is written
+        signum = signals[0] if signals else signal.SIGINT
+        command = shlex.join(["python", "run.py", *(sys.argv[1:] if argv is None else argv)])
+        print(f"stopped by {signal.Signals(signum).name}: progress kept in {os.path.join(out, 'progress')}/; "
+              f"to resume, run the same command: {command}", file=sys.stderr)
+        return 128 + signum
+    except FileExistsError as e:  # another run's progress: left as it is
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (features.DataError, FloatingPointError, PermissionError) as e:
+        discard_progress(out)  # the same command would fail the same way
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     if len(results) > 1:
         print("\ndemo (synthetic data), test split:")
         for m, r in results.items():
