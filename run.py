@@ -3,12 +3,14 @@
     python run.py --data ./baby --device cuda     # MMCPR pre-training + LightGCN fine-tuning
     python run.py --data ./baby --model lightgcn  # a baseline alone: lightgcn or mf
     python run.py --data ./movielens --cold-items 0.2  # 20% of the items new: ranked by content
+    python run.py --serve RUN --new-items DIR     # a finished run ranks new items (serve.py)
     python run.py                                 # offline demo on synthetic data
 
 Data flows one way: load (features.py) -> graphs and pre-training (mmcpr.py)
 -> fine-tuning of MF-BPR or LightGCN and evaluation (recommender.py)
--> OUT/metrics.json. The three modules never import each other; this file
-wires them together with plain numpy arrays.
+-> the run folder: model.npz, recommendations.tsv, metrics.json (serve.py says
+what each holds). The three modules never import each other; this file wires
+them together with plain numpy arrays.
 
 An interrupted run resumes: the same command, in the same folder, carries on
 from OUT/progress/ (the settings, each finished unit, the checkpoint of the one
@@ -37,6 +39,7 @@ import torch
 import features
 import mmcpr
 import recommender
+import serve
 
 
 def parse_args(argv=None):
@@ -50,6 +53,11 @@ def parse_args(argv=None):
     a("--out", help="output folder (default runs/<dataset>-<model>-s<seed>-<digest of the settings>; "
                     "the demo: OUT/<that name>)")
     a("--topk", default="10,20,50", help="comma-separated cut-offs K")
+    a("--recommend-k", type=int, default=20, help="recommendations.tsv: each user's top K items (--serve: new items)")
+    a("--serve", metavar="RUN", help="serve new items from the finished run folder RUN (with --new-items; writes "
+                                     "--out, default RUN/new-<DIR's name>): no training")
+    a("--new-items", metavar="DIR", help="--serve: the new items, an items.jsonl or meta_<Cat>.json[l][.gz] "
+                                         "(images/ beside it), or <m>_feat.npy with item_ids.txt")
     a("--fresh", action="store_true", help="discard the progress an interrupted run left in the folder; start over")
     a("--checkpoint-every", type=float, default=60.0,
       help="seconds between checkpoints within a pre-training or a fine-tuning (written at an epoch's end)")
@@ -103,6 +111,9 @@ def parse_args(argv=None):
     g.add_argument("--no-item-graph", action="store_true", help="no propagation over the item graph")
     g.add_argument("--no-reviews", action="store_true", help="ignore review_feat.npy")
     g.add_argument("--no-standardize", action="store_true", help="feed content features raw, not z-scored per dimension")
+    g.add_argument("--head-holdout", type=float, default=0.1,
+                   help="no --cold-items: this share of the trained items (drawn by --split-seed) stands in for new "
+                        "items to choose the new-item head's settings, which is then refitted on every item")
     g.add_argument("--no-tags", action="store_true", help="the new-item head ignores *_tag.npy (categories, release "
                                                          "year) and reads the content modalities alone")
     g = p.add_argument_group("raw data to features")
@@ -132,7 +143,11 @@ def parse_args(argv=None):
         args.l2 = recommender.L2_GRID
     if 20 not in args.topk:
         args.topk = tuple(sorted(args.topk + (20,)))  # early stopping reads Recall@20
-    for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg", "patience"):
+    if (args.serve is None) != (args.new_items is None):
+        p.error("--serve RUN and --new-items DIR go together")
+    if not 0 < args.head_holdout < 1:
+        p.error("--head-holdout must be in (0, 1)")
+    for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg", "patience", "recommend_k"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("layers", "ui_layers", "pretrain_epochs"):
@@ -167,7 +182,7 @@ def parse_args(argv=None):
 def settings(args, model):
     """Every setting that can change the result, JSON-able."""
     s = {k: v for k, v in sorted(vars(args).items())
-         if k not in ("data", "out", "rebuild_features", "fresh", "checkpoint_every")}
+         if k not in ("data", "out", "rebuild_features", "fresh", "checkpoint_every", "serve", "new_items")}
     s.update(model=model, data=os.path.abspath(args.data) if args.data else None)
     return json.loads(json.dumps(s, sort_keys=True, default=str))
 
@@ -270,54 +285,13 @@ def unit(prog, name, stop, train):
     return res
 
 
-def cold_start(args, data, model, item_feats, trained, timings):
-    """The item cold-start task: rank the new items of cold-valid and cold-test by their content
-    alone, through recommender.fit_content_head into a trained model's space (MMCPR only).
-    Content: the item modalities and, unless --no-tags, the item tags (categories, release
-    year; a block each). The paper's text modality holds those words too, through a sentence
-    encoder; read as tags they are worth more to a linear head (README, New items).
-    `trained`: {start: train()'s result}, the fine-tuned models to serve from (--start best: the
-    pre-trained start's and the random start's, "scratch"); the one whose head scores the best cold-valid
-    Recall@20 is kept, as the cold task's settings are chosen on cold-valid alone.
-    Returns metrics.json's "cold" entry."""
-    c = data["cold"]
-    out = dict(valid_items=c["valid_items"].tolist(), test_items=c["test_items"].tolist(), valid=None, test=None,
-               note=None)
-    if model != "mmcpr" or not item_feats:
-        out["note"] = (f"{model} alone cannot rank an item without pairs" if model != "mmcpr"
-                       else "no item content modality: a new item has nothing to be ranked by")
-        return out
-    t = time.perf_counter()
-    ev = {s: recommender.Evaluator(data["n_items"], data["train"], c[s], args.topk, device=args.device,
-                                   candidates=c[f"{s}_items"]) for s in ("valid", "test")}
-    fit_items = np.unique(data["train"][1])  # the items with a trained embedding
-    tags = {} if args.no_tags else {f"{b} tags": x for b, x in data["item_tags"].items()}
-    X = recommender.content_matrix({**item_feats, **tags}, fit_items)  # tags: a block each, as a modality
-    heads = {start: recommender.fit_content_head(X, res["item_emb"], fit_items,
-                                                 torch.as_tensor(res["user_emb"], device=args.device),
-                                                 data["train"], ev["valid"])
-             for start, res in trained.items()}
-    valid = {start: fit["beta_grid"][fit["beta"]] for start, (_, _, fit) in heads.items()}  # cold-valid Recall@20
-    start = max(valid, key=valid.get)  # on a tie the first, the pre-trained start
-    users, items, fit = heads[start]
-    if len(heads) > 1:
-        print(f"new items, start kept: {start} (cold-valid recall@20: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()) + ")")
-    out.update(content=list(item_feats) + list(tags), start=start, start_grid=valid, ridge=fit["ridge"],
-               profile_weight=fit["beta"],
-               ridge_grid={f"{k:g}": r for k, r in fit["ridge_grid"].items()},
-               profile_grid={f"{k:g}": r for k, r in fit["beta_grid"].items()})
-    out["valid"], out["test"] = (ev[s].evaluate(users, items) for s in ("valid", "test"))
-    timings["cold"] = time.perf_counter() - t
-    return out
-
-
 def run(args, data, model, load_seconds, out, stop=None):
-    """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; writes
-    metrics.json (and, for mmcpr, the pre-trained user_emb.npy and item_emb.npy) into `out`
-    once everything has finished, and returns the metrics dict. Resumes from out/progress/
-    (open_progress); stop(), asked at the end of every epoch, stops the run with a checkpoint
-    once it returns True (KeyboardInterrupt). timings_s count this invocation's seconds."""
+    """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; once
+    everything has finished, writes into `out` metrics.json, model.npz (the kept model and, for
+    mmcpr with item content, its new-item head), recommendations.tsv and, for mmcpr,
+    pretrained.npz (the start of fine-tuning); returns the metrics dict. Resumes from
+    out/progress/ (open_progress); stop(), asked at the end of every epoch, stops the run with a
+    checkpoint once it returns True (KeyboardInterrupt). timings_s count this invocation's seconds."""
     t0 = time.perf_counter()
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
     item_feats, user_feat = data["item_feats"], None if args.no_reviews else data["user_feat"]
@@ -413,7 +387,23 @@ def run(args, data, model, load_seconds, out, stop=None):
               f"scratch {own['valid']['recall@20']:.4f})")
         res = trained[start]
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
-    cold = data["cold"] and cold_start(args, data, model, item_feats, trained, timings)  # its own start, on cold-valid
+    t = time.perf_counter()
+    head_entry, head_npz = serve.fit_head(data, model, item_feats, trained, ks=args.topk, holdout=args.head_holdout,
+                                          split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
+    timings["head"] = time.perf_counter() - t
+
+    # The deliverables: the kept model, and each user's top K among the items ranked (never a known pair)
+    t = time.perf_counter()
+    known = tuple(np.concatenate([data[s][j] for s in ("train", "valid", "test")]) for j in (0, 1))
+    ranked_users = np.unique(data["train"][0])
+    ranked_items = np.arange(data["n_items"]) if warm is None else warm
+    top, scores = recommender.recommend(torch.as_tensor(res["user_emb"], device=args.device),
+                                        torch.as_tensor(res["item_emb"], device=args.device), ranked_users, known,
+                                        args.recommend_k, warm)
+    tsv = serve.recommendations_tsv(data["user_ids"], data["item_ids"], ranked_users, top, scores)
+    timings["recommend"] = time.perf_counter() - t
+    model_npz = dict(user_emb=res["user_emb"], item_emb=res["item_emb"], user_ids=data["user_ids"],
+                     item_ids=data["item_ids"], ranked_users=ranked_users, ranked_items=ranked_items, **head_npz)
     timings["total"] = load_seconds + time.perf_counter() - t0
 
     metrics = dict(
@@ -428,23 +418,26 @@ def run(args, data, model, load_seconds, out, stop=None):
         **{f"n_{s}": len(data[s][0]) for s in ("train", "valid", "test")}, n_cold_users=data["n_cold"],
         modalities={side: list(w) for side, w in pre.get("modality_weights", dict(user={}, item={})).items()},
         modality_weights=pre.get("modality_weights"), notes=pre.get("notes", []),
-        cold=cold, history=res["history"], args=vars(args) | dict(model=model),
+        cold=head_entry if data["cold"] else None, head=None if data["cold"] else head_entry,
+        history=res["history"], args=vars(args) | dict(model=model),
     )
     os.makedirs(out, exist_ok=True)
-    outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode())}
-    if model == "mmcpr":
-        outputs.update({f"{k}.npy": lambda f, k=k: np.save(f, pre[k]) for k in ("user_emb", "item_emb")})
+    outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode()),
+               "model.npz": lambda f: np.savez(f, **model_npz), "recommendations.tsv": lambda f: f.write(tsv)}
+    if model == "mmcpr":  # the start of fine-tuning, not the model that scored
+        outputs["pretrained.npz"] = lambda f: np.savez(f, user_emb=pre["user_emb"], item_emb=pre["item_emb"])
     write_atomic(out, outputs)
-    for stale in {"user_emb.npy", "item_emb.npy"} - set(outputs):  # a reused --out keeps one run's files only
+    for stale in {"pretrained.npz", "user_emb.npy", "item_emb.npy"} - set(outputs):  # a reused --out: one run's files
         if os.path.exists(os.path.join(out, stale)):
             os.unlink(os.path.join(out, stale))
     shutil.rmtree(prog)  # the run folder keeps the deliverables, not the progress
     ks = args.topk
     print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
-          + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s, metrics in {out}/")
+          + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s; model, recommendations, metrics in {out}/")
     print("split".ljust(10) + "".join(f"{m}@{k}".rjust(14) for k in ks for m in ("recall", "ndcg")))
     for s in ("valid", "test"):
         print(s.ljust(10) + "".join(f"{metrics[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
+    cold = metrics["cold"]
     for s in ("valid", "test") if cold and cold["test"] else ():
         print(f"cold-{s}".ljust(10) + "".join(f"{cold[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
     if cold and cold["note"]:
@@ -454,6 +447,20 @@ def run(args, data, model, load_seconds, out, stop=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.serve:  # a finished run ranks new items: no training
+        out = args.out or os.path.join(args.serve, "new-" + os.path.basename(os.path.abspath(args.new_items)))
+        try:
+            if os.path.exists(os.path.join(out, "model.npz")):
+                raise features.DataError(f"--out {out} holds a run: its recommendations.tsv would be overwritten")
+            check_writable(out)
+            outputs = serve.serve(args.serve, args.new_items, args.recommend_k, args.device)
+            os.makedirs(out, exist_ok=True)
+            write_atomic(out, outputs)
+        except (features.DataError, ImportError, PermissionError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"new items' recommendations and vectors in {out}/")
+        return 0
     folder, models = args.data, [args.model]
     try:  # the user's input and set-up: a missing file or package, bad data, nowhere to write
         check_writable(args.out or "runs")
@@ -469,7 +476,7 @@ def main(argv=None):
                                               device=args.device, precision=args.precision,
                                               rebuild=args.rebuild_features, log=print) or {}
         data = features.load_mmrec(folder, cold_items=args.cold_items, split_seed=args.split_seed)
-        data["encode_seconds"] = conversion.get("encode_seconds", {})
+        data["encode_seconds"], data["encoders"] = conversion.get("encode_seconds", {}), conversion.get("encoders")
         load_seconds = time.perf_counter() - t
     except (features.DataError, ImportError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -91,7 +91,7 @@ def test_run_end_to_end_on_cuda(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["device"] == "cuda" and m["recommender"] == "lightgcn"
     assert all(0 <= m[s]["recall@20"] <= 1 for s in ("valid", "test"))
-    assert np.isfinite(np.load(out / "item_emb.npy")).all()
+    assert np.isfinite(np.load(out / "model.npz")["item_emb"]).all()
 
 
 def test_encoders_on_cuda_agree_with_the_cpu(tmp_path, tiny):
@@ -120,3 +120,32 @@ def test_default_image_encoder_on_cuda_agrees_with_the_cpu(tmp_path):
         xs.append(x)
     from test_features import row_cosine
     assert row_cosine(*xs).min() > 0.9999
+
+
+def test_recommend_gives_the_cpu_lists():
+    n_users, n_items, train, valid, test = toy()
+    g = torch.Generator().manual_seed(1)
+    ue, ie = torch.randn(n_users, 16, generator=g), torch.randn(n_items, 16, generator=g)
+    known = tuple(np.concatenate(p) for p in zip(train, valid, test))
+    users = np.arange(n_users)
+    cpu = rec.recommend(ue, ie, users, known, 10, batch=7)
+    gpu = rec.recommend(ue.cuda(), ie.cuda(), users, known, 10, batch=7)
+    np.testing.assert_array_equal(cpu[0], gpu[0])
+    np.testing.assert_allclose(cpu[1], gpu[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_cuda_run_then_serving_on_cuda(tmp_path):
+    """The new-item head fitted on the GPU, saved, and new items served on the GPU."""
+    from test_run import make_dataset
+    data, out, new = make_dataset(tmp_path / "toy"), tmp_path / "out", tmp_path / "new"
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, a)], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=300)
+    p = run("--data", data, "--device", "cuda", "--epochs", "3", "--pretrain-epochs", "2", "--l2", "1e-2", "--out", out)
+    assert p.returncode == 0, p.stderr
+    new.mkdir()
+    for m in ("audio", "image"):
+        np.save(new / f"{m}_feat.npy", np.load(data / f"{m}_feat.npy")[[1, 2, 3]])
+    (new / "item_ids.txt").write_text("a\nb\nc\n")
+    p = run("--serve", out, "--new-items", new, "--device", "cuda", "--recommend-k", "2")
+    assert p.returncode == 0, p.stderr
+    assert len((out / "new-new" / "recommendations.tsv").read_text().splitlines()) == 1 + 2 * 60

@@ -141,7 +141,9 @@ def test_ratings_without_text_give_no_review_modality(tmp_path, tiny):
     d = load_mmrec(folder, log=lambda s: None)
     assert d["user_feat"] is None and set(d["item_feats"]) == {"text"}
     logs = []
-    assert convert(folder, tiny, logs) == dict(encode_seconds={}, encode_per_second={}) and "up to date" in logs[-1]
+    out = convert(folder, tiny, logs)
+    assert (out["encode_seconds"], out["encode_per_second"]) == ({}, {}) and "up to date" in logs[-1]
+    assert out["encoders"] == dict(text=tiny[0], image=tiny[1], precision="float32")  # what new items need
 
 
 def test_unknown_layouts_name_the_files_looked_for(tmp_path, tiny):

@@ -450,7 +450,7 @@ def content_case(seed=0, n_items=60, n_users=30, d=4):
     rng = np.random.default_rng(seed)
     feats = {"text": rng.standard_normal((n_items, 6)), "image": rng.standard_normal((n_items, 3))}
     fit = np.arange(40)  # items 40..59 are new
-    return rng, feats, fit, rec.content_matrix(feats, fit)
+    return rng, feats, fit, rec.content_matrix(feats, rec.content_stats(feats, fit))
 
 
 def test_content_matrix_standardises_on_the_fit_items_and_adds_a_bias():
@@ -459,10 +459,10 @@ def test_content_matrix_standardises_on_the_fit_items_and_adds_a_bias():
     assert torch.allclose(X[:, :6].norm(dim=1), torch.ones(60, dtype=X.dtype))  # each modality's block
     assert torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
     feats["text"][40:] += 100  # a new item's features move nothing fitted on the others
-    assert torch.equal(rec.content_matrix(feats, fit)[:40], X[:40])
+    assert torch.equal(rec.content_matrix(feats, rec.content_stats(feats, fit))[:40], X[:40])
     feats["image"][:40, 0] = 3.0  # constant on the fit items: 0 for every item, a new one's offset too
     feats["image"][40:, 0] = 3.0 + 1e-3
-    X = rec.content_matrix(feats, fit)
+    X = rec.content_matrix(feats, rec.content_stats(feats, fit))
     assert torch.all(X[:, 6] == 0) and torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
 
 
@@ -473,11 +473,16 @@ def test_content_head_recovers_a_linear_map_and_keeps_the_valid_best_strength():
     train = (np.arange(30), rng.choice(fit, 30))
     ev = rec.Evaluator(60, train, (np.arange(30), rng.choice(np.arange(40, 60), 30)), ks=(5, 20),
                        candidates=np.arange(40, 60))
-    U, I, f = rec.fit_content_head(X, E, fit, users, train, ev, ridge=(1e-8, 1e3), profile=(0.0,), log=lambda s: None)
+    f = rec.fit_content_head(X, E, fit, users, train, ev, ridge=(1e-8, 1e3), profile=(0.0,), log=lambda s: None)
+    U, I = rec.head_users(f, users), rec.head_items(X, f["W"])
     np.testing.assert_allclose(I[40:, :4].numpy(), E[40:], atol=1e-3)  # new items, from their content alone
     assert f["ridge"] == max(f["ridge_grid"], key=f["ridge_grid"].get) and f["ridge_grid"][1e-8] >= f["ridge_grid"][1e3]
     assert torch.equal(U[:, 4:], torch.zeros(30, 9))  # β = 0: the head alone
     assert ev.evaluate(U, I) == pytest.approx(ev.evaluate(users, I[:, :4]))
+    again = rec.fit_content_head(X, E, fit, users, train, None, ridge=(f["ridge"],), profile=(0.0,))  # chosen: no evaluator
+    assert torch.equal(again["W"], f["W"]) and again["ridge_grid"] == {f["ridge"]: None}
+    with pytest.raises(ValueError, match="needs an evaluator"):
+        rec.fit_content_head(X, E, fit, users, train, None)
 
 
 def test_content_profile_is_weighed_in_when_it_ranks_better_on_valid():
@@ -490,6 +495,35 @@ def test_content_profile_is_weighed_in_when_it_ranks_better_on_valid():
     ev = rec.Evaluator(140, train, target, ks=(1, 20), candidates=np.arange(40, 140))
     users = torch.as_tensor(rng.standard_normal((30, 4)), dtype=torch.float32)
     E = rng.standard_normal((140, 4)).astype(np.float32)
-    U, I, f = rec.fit_content_head(X, E, fit, users, train, ev, log=lambda s: None)
+    f = rec.fit_content_head(X, E, fit, users, train, ev, log=lambda s: None)
     assert f["beta"] > 0 and f["beta_grid"][f["beta"]] == max(f["beta_grid"].values()) > f["beta_grid"][0.0]
-    assert ev.evaluate(U, I)["recall@1"] > 0.5
+    assert ev.evaluate(rec.head_users(f, users), rec.head_items(X, f["W"]))["recall@1"] > 0.5
+
+
+def test_recommend_by_hand():
+    """Scores u0: [4, 3, 2, 1], u1: [1, 2, 3, 4]. u0 knows item 0; u1 knows items 3, 2, 1."""
+    users = torch.tensor([[1.0], [-1.0]])
+    items = torch.tensor([[4.0], [3.0], [2.0], [1.0]])
+    known = (np.array([0, 1, 1, 1]), np.array([0, 3, 2, 1]))
+    top, scores = rec.recommend(users, items, np.array([0, 1]), known, k=2)
+    assert top.tolist() == [[1, 2], [0, -1]]  # u1 has one unseen item left: the rest is -1
+    assert scores.tolist() == [[3.0, 2.0], [-4.0, -np.inf]]
+    top, _ = rec.recommend(users, items, np.array([1]), known, k=2, candidates=np.array([0, 3]))  # items 0, 3 only
+    assert top.tolist() == [[0, -1]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 15), st.integers(1, 6), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_recommend_is_the_brute_force_top_k_of_unseen_items(n_users, n_items, k, batch, seed):
+    rng = np.random.default_rng(seed)
+    U, I = torch.randn(n_users, 3, generator=torch.Generator().manual_seed(seed)), torch.randn(n_items, 3)
+    known = np.divmod(rng.choice(n_users * n_items, rng.integers(0, n_users * n_items + 1), replace=False), n_items)
+    users = rng.permutation(n_users)[:rng.integers(1, n_users + 1)]
+    top, scores = rec.recommend(U, I, users, known, k, batch=batch)
+    seen = set(zip(*known))
+    for row, u in enumerate(users):
+        unseen = [i for i in range(n_items) if (u, i) not in seen]
+        want = sorted(unseen, key=lambda i: -(U[u] @ I[i]).item())[:k]
+        got = [i for i in top[row] if i >= 0]
+        assert len(got) == min(k, len(unseen)) and not seen & {(u, i) for i in got}
+        assert scores[row][:len(got)].tolist() == pytest.approx([(U[u] @ I[i]).item() for i in want], rel=1e-5)

@@ -116,10 +116,13 @@ FLAGS = ["--pretrain-epochs", "3", "--epochs", "5", "--patience", "5", "--l2", "
 
 
 def comparable(out):
-    """out/metrics.json less the timings and the folder's own name."""
+    """out/metrics.json less the timings and the folder's own name, with model.npz's arrays and the recommendations."""
     m = json.loads((out / "metrics.json").read_text())
     m["args"].pop("out")
-    return {k: v for k, v in m.items() if k not in ("timings_s", "seconds_per_epoch")}
+    with np.load(out / "model.npz", allow_pickle=False) as z:
+        arrays = {k: z[k].tolist() for k in z.files}
+    return {k: v for k, v in m.items() if k not in ("timings_s", "seconds_per_epoch")} | dict(
+        model=arrays, recommendations=(out / "recommendations.tsv").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +157,7 @@ def test_run_resumes_where_it_stopped_to_the_same_metrics(reference, tmp_path, c
     log = capsys.readouterr().out
     assert comparable(out) == want
     assert log.count("resuming the run") == 1 and "epoch   1 " not in log  # no pre-training epoch redone
-    assert sorted(os.listdir(out)) == ["item_emb.npy", "metrics.json", "user_emb.npy"]  # the progress is gone
+    assert sorted(os.listdir(out)) == ["metrics.json", "model.npz", "pretrained.npz", "recommendations.tsv"]  # no progress
 
 
 @pytest.mark.parametrize("name", ["finetune-0.1.pt", "finetune-0.001.npz"])

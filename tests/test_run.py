@@ -52,8 +52,8 @@ def test_run_writes_valid_metrics(tmp_path, model, extra):
         assert m["modalities"] == {"user": ["graph", "review"], "item": ["graph", "audio", "image"]}
         for side in ("user", "item"):
             assert sum(m["modality_weights"][side].values()) == pytest.approx(1.0, abs=1e-4)
-        assert np.load(out / "user_emb.npy").shape == (60, 64)
-        assert np.load(out / "item_emb.npy").shape == (40, 64)
+        with np.load(out / "pretrained.npz", allow_pickle=False) as z:  # the start of fine-tuning
+            assert z["user_emb"].shape == (60, 64) and z["item_emb"].shape == (40, 64)
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
@@ -187,7 +187,7 @@ def test_runs_with_different_settings_never_share_a_folder(tmp_path):
     assert p.returncode == 0, p.stderr
     (main,) = (tmp_path / "runs").iterdir()
     before = {f.name: f.read_bytes() for f in main.iterdir()}
-    assert set(before) == {"metrics.json", "user_emb.npy", "item_emb.npy"}
+    assert set(before) == {"metrics.json", "model.npz", "recommendations.tsv", "pretrained.npz"}
     p = subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, base), "--no-align"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -321,9 +321,9 @@ def test_new_items_pairs_and_features_change_nothing_trained(tmp_path):
     assert ma["cold"]["test"] != mb["cold"]["test"]  # the rewritten pairs are what the cold task scores
     for key in ("valid", "test", "history", "best_epoch", "n_train", "n_valid", "n_test"):
         assert ma[key] == mb[key], key
-    np.testing.assert_array_equal(np.load(out["a"] / "user_emb.npy"), np.load(out["b"] / "user_emb.npy"))
+    np.testing.assert_array_equal(np.load(out["a"] / "pretrained.npz")["user_emb"], np.load(out["b"] / "pretrained.npz")["user_emb"])
     warm = np.setdiff1d(np.arange(40), cold_items)
-    ia, ib = np.load(out["a"] / "item_emb.npy"), np.load(out["b"] / "item_emb.npy")
+    ia, ib = np.load(out["a"] / "pretrained.npz")["item_emb"], np.load(out["b"] / "pretrained.npz")["item_emb"]
     np.testing.assert_array_equal(ia[warm], ib[warm])
     assert not np.allclose(ia[cold_items], ib[cold_items])  # a new item's h_i is its (new) content's
 
@@ -502,8 +502,8 @@ def test_new_items_start_is_chosen_on_cold_valid_alone(tmp_path, monkeypatch, co
 
     def fake_head(X, item_emb, *args, **kwargs):
         e = float(item_emb[0, 0])
-        fit = dict(ridge=e, beta=0.0, ridge_grid={e: cold_valid[e]}, beta_grid={0.0: cold_valid[e]})
-        return torch.ones(data["n_users"], 4), torch.full((data["n_items"], 4), e), fit
+        return dict(W=torch.full((X.shape[1], 4), e, dtype=torch.float64), profile=torch.ones(data["n_users"], X.shape[1] - 1),
+                    sd_head=1.0, sd_prof=1.0, ridge=e, beta=0.0, ridge_grid={e: cold_valid[e]}, beta_grid={0.0: cold_valid[e]})
 
     monkeypatch.setattr(recommender, "train", fake_train)
     monkeypatch.setattr(recommender, "fit_content_head", fake_head)
