@@ -145,6 +145,13 @@ def load_run(folder):
     return m
 
 
+def head_stats(m):
+    """content_stats' {block: (mean, divisor)} back from model.npz's arrays m, for content_matrix."""
+    ends = np.cumsum(m["head_widths"])
+    return {b: (torch.as_tensor(m["head_mean"][e - w:e]), torch.as_tensor(m["head_sd"][e - w:e]))
+            for b, w, e in zip(m["head_blocks"].tolist(), m["head_widths"], ends)}
+
+
 def serve(run_dir, new_dir, k=20, device="cpu", log=print):
     """Rank the new items of new_dir for every user of the finished run in run_dir (each with a
     training pair) with its content head. Returns the outputs for write_atomic:
@@ -167,8 +174,7 @@ def serve(run_dir, new_dir, k=20, device="cpu", log=print):
                                   log=log)
     ids = new["item_ids"]
     content = {**new["item_feats"], **{f"{b} tags": x for b, x in new["item_tags"].items()}}
-    stats = {b: (torch.as_tensor(mu), torch.as_tensor(sd))
-             for b, mu, sd in zip(widths, part(m["head_mean"]).values(), part(m["head_sd"]).values())}
+    stats = head_stats(m)
     items = recommender.head_items(recommender.content_matrix(content, stats), m["head_W"])  # [n, d + F]
     head = dict(profile=m["head_profile"], sd_head=m["head_sd_head"], sd_prof=m["head_sd_prof"], beta=m["head_beta"])
     users = recommender.head_users(head, torch.as_tensor(m["head_user_emb"]))  # [U, d + F]

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import features  # noqa: E402
 import recommender  # noqa: E402
+import serve  # noqa: E402
 from test_run import make_dataset  # noqa: E402
 
 TRAIN = ["--device", "cpu", "--epochs", "4", "--pretrain-epochs", "2", "--l2", "1e-2", "--batch", "256",
@@ -163,10 +164,7 @@ def test_serving_feature_rows_matches_the_runs_own_head(tmp_path):
     p = run("--serve", out, "--new-items", new, "--out", tmp_path / "served", "--recommend-k", "2")
     assert p.returncode == 0, p.stderr
     feats = {m: np.load(data / f"{m}_feat.npy") for m in z["head_blocks"]}
-    ends = np.cumsum(z["head_widths"])
-    stats = {b: (torch.as_tensor(z["head_mean"][e - w:e]), torch.as_tensor(z["head_sd"][e - w:e]))
-             for b, w, e in zip(z["head_blocks"], z["head_widths"], ends)}
-    own = recommender.head_items(recommender.content_matrix(feats, stats), z["head_W"])[[3, 7]]
+    own = recommender.head_items(recommender.content_matrix(feats, serve.head_stats(z)), z["head_W"])[[3, 7]]
     with np.load(tmp_path / "served" / "new_items.npz", allow_pickle=False) as n:
         np.testing.assert_array_equal(n["item_vec"], own.numpy())
     assert len(read_tsv(tmp_path / "served" / "recommendations.tsv")) == 2 * 60
