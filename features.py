@@ -1,29 +1,23 @@
-"""Data in, features out: everything MMCPR reads from disk.
+"""Raw data to features: a folder of reviews, item metadata and images, converted into the
+MMRec layout that data.py loads, the content features encoded by pretrained networks.
 
-Loading half: a dataset folder in the MMRec layout (the one MMRec ships for
-Amazon Baby, Sports, Clothing), checked strictly, returned as plain numpy
-arrays. The paper's inputs are a user-item interaction matrix, the
-users' review texts and the items' description texts and images; here they
-arrive as
+The paper's modalities come from raw text and images: a user's reviews, an item's
+description and picture. Here
 
-    NAME.inter          tab-separated, header, columns userID itemID x_label
-                        (0 train, 1 valid, 2 test); other columns ignored
-    <m>_feat.npy        one item content modality m (text, image, audio...),
-                        one row per item
-    review_feat.npy     the user review modality, one row per user
-    <b>_tag.npy         optional item tags, multi-hot (category, year): read by
-                        the new-item head only, not a modality of the paper's
+    convert_raw     reviews (Amazon 2014/2018/2023 or a plain layout, LAYOUTS) -> NAME.inter
+                    (RecBole's ratio split per user by time), u/i_id_mapping.csv (the raw ids),
+                    text_feat.npy and review_feat.npy (all-MiniLM-L6-v2, or a local model),
+                    image_feat.npy (EfficientNet-Lite0, or a local vision model) and
+                    category/year_tag.npy; cached in features_manifest.json, so a second run
+                    encodes nothing
+    raw_ids,        what a converted folder adds to the MMRec layout: its own ids, the names
+    tag_names       of its tag columns
+    read_new_items  a catalogue's new items, encoded as its items were (run.py --serve)
+    make_demo       a small synthetic raw folder with a planted structure
 
-load_mmrec(folder, cold_items=F) also holds out a share F of the items as new
-items, with every pair of theirs (ColdRec's item cold-start split).
-
-Raw half: a folder of reviews, item metadata and images (an Amazon 5-core
-dump, say) is converted into that layout by convert_raw, the content features
-encoded by pretrained networks; make_demo writes a small synthetic one.
-
-Any problem with the input raises DataError with one line that names the file.
-This module imports nothing from the rest of the project; numpy alone loads,
-torch, transformers and pillow are imported only to convert raw data.
+Model weights come from installed packages or a local folder, never a hub. Any problem
+with the input raises data.DataError with one line that names the file. numpy at import;
+torch, transformers and pillow are imported only when something is encoded.
 """
 import ast
 import glob
@@ -40,189 +34,7 @@ import warnings
 
 import numpy as np
 
-
-class DataError(Exception):
-    """Bad input data; the message is one line naming the file and the problem."""
-
-
-def _read_inter(path):
-    """(users, items, x_label) int64 arrays from an MMRec .inter file."""
-    name = os.path.basename(path)
-    try:  # the header, then the rows: one UTF-8 check for both
-        with open(path, encoding="utf-8") as f:
-            header = f.readline().rstrip("\r\n").split("\t")
-        cols = []
-        for col in ("userID", "itemID", "x_label"):
-            if col not in header:
-                raise DataError(f"{name}: missing column '{col}' (header: {' '.join(header)})")
-            cols.append(header.index(col))
-        with warnings.catch_warnings():  # an empty file is reported below, as one line
-            warnings.simplefilter("ignore", UserWarning)
-            raw = np.loadtxt(path, delimiter="\t", skiprows=1, usecols=cols, dtype=np.float64, ndmin=2,
-                             encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except ValueError as e:
-        raise DataError(f"{name}: unreadable row ({str(e).splitlines()[-1]})") from None
-    if len(raw) == 0:
-        raise DataError(f"{name}: no interactions")
-    for j, col in enumerate(("userID", "itemID", "x_label")):
-        v = raw[:, j]
-        bad = ~np.isfinite(v) | (v != np.round(v)) | (v < 0)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise DataError(f"{name}: {col} must be a non-negative integer, got {v[row]!r} on data row {row + 1}")
-    users, items, split = raw.T.astype(np.int64)
-    if not np.isin(split, (0, 1, 2)).all():
-        raise DataError(f"{name}: x_label must be 0, 1 or 2, got {sorted(set(split.tolist()) - {0, 1, 2})}")
-    return users, items, split
-
-
-def _read_feat(path, n_rows, what):
-    name = os.path.basename(path)
-    try:
-        x = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
-        raise DataError(f"{name}: not a numpy array file ({e})") from None
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"{name}: expected a 2-d numeric array, got shape {x.shape} dtype {x.dtype}")
-    if x.shape[0] != n_rows:
-        raise DataError(f"{name}: {x.shape[0]} rows but the data has {n_rows} {what}")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{name}: contains NaN or inf")
-    return x
-
-
-def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
-    """Load an MMRec-layout folder.
-
-    Returns a dict: name, n_users, n_items, train/valid/test as (users, items)
-    int64 arrays, item_feats {modality: float32 [n_items, f]}, user_feat
-    (float32 [n_users, f] or None), n_cold: users with held-out items but no
-    training items, whose valid/test pairs are dropped (as MMRec leaves them
-    out of evaluation), and cold (None, or the item cold-start split below).
-
-    cold_items F > 0: ColdRec's item cold-start split. The items with any pair
-    in the file are ordered by np.random.default_rng(split_seed).permutation;
-    the first c = round(F n) are new items, the first c // 2 of them
-    cold-valid, the rest cold-test. Every pair of a new item, whatever its
-    x_label, leaves train/valid/test (which then hold the warm task); the
-    new items keep their rows of item_feats, as a new item arrives with its
-    content. cold = dict(valid_items, test_items: sorted int64 item ids,
-    valid, test: (users, items), their pairs of users with a training pair).
-
-    item_tags {block: float32 [n_items, k]}: the multi-hot <block>_tag.npy
-    files (convert_raw writes category and year), empty blocks left out;
-    item_tag_names {block: column names, or None where unrecorded}.
-
-    user_ids, item_ids: str arrays, a row's own id in the dataset: a converted
-    raw folder's reviewer ids and asins (u_id_mapping.csv, i_id_mapping.csv),
-    else the .inter's numbers.
-    """
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: no such folder")
-    if not 0 <= cold_items < 1:
-        raise DataError(f"cold_items must be in [0, 1), got {cold_items}")
-    inters = sorted(glob.glob(os.path.join(folder, "*.inter")))
-    if len(inters) != 1:
-        found = ", ".join(os.path.basename(p) for p in inters) or "none"
-        raise DataError(f"{folder}: expected exactly one *.inter file, found {found}")
-    path = inters[0]
-    name = os.path.basename(path)
-    users, items, split = _read_inter(path)
-
-    # Duplicate rows inside a split are dropped; a pair in two splits is an error.
-    key = users * (items.max() + 1) + items
-    _, first = np.unique(np.stack([key, split]), axis=1, return_index=True)
-    if len(first) < len(key):
-        warnings.warn(f"{name}: dropped {len(key) - len(first)} duplicate rows", stacklevel=2)
-        first.sort()
-        users, items, split, key = users[first], items[first], split[first], key[first]
-    uniq, count = np.unique(key, return_counts=True)
-    if (count > 1).any():
-        k = uniq[count > 1][0]
-        u, i = divmod(int(k), int(items.max() + 1))
-        raise DataError(f"{name}: pair (user {u}, item {i}) appears in more than one split")
-
-    n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
-    order = np.random.default_rng(split_seed).permutation(np.unique(items))  # items with any pair
-    c = round(cold_items * len(order))
-    if cold_items and c < 2:
-        raise DataError(f"{name}: --cold-items {cold_items} makes {c} of {len(order)} items new; "
-                        "cold-valid and cold-test need one each")
-    cold_sets = np.sort(order[:c // 2]), np.sort(order[c // 2:c])  # empty when cold_items is 0
-    new = np.isin(items, order[:c])
-    parts = {s: (users[(split == j) & ~new], items[(split == j) & ~new]) for j, s in enumerate(("train", "valid", "test"))}
-    has_train = np.zeros(n_users, bool)
-    has_train[parts["train"][0]] = True
-    held_out = np.unique(np.concatenate([parts["valid"][0], parts["test"][0]]))
-    n_cold = int((~has_train[held_out]).sum())
-    for j, s in enumerate(parts):
-        u, i = parts[s]
-        parts[s] = (u[has_train[u]], i[has_train[u]])
-        if len(u) == 0:
-            raise DataError(f"{name}: the {s} split (x_label {j}) is empty")
-        if not has_train[u].any():
-            raise DataError(f"{name}: no user of the {s} split (x_label {j}) has training interactions")
-    cold = None
-    if cold_items:
-        cold = dict(valid_items=cold_sets[0], test_items=cold_sets[1])
-        for s, ids in zip(("valid", "test"), cold_sets):
-            m = np.isin(items, ids) & has_train[users]
-            if not m.any():
-                raise DataError(f"{name}: --cold-items {cold_items}: no cold-{s} item has a pair of a user "
-                                "with training interactions")
-            cold[s] = (users[m], items[m])
-
-    item_feats, user_feat = {}, None
-    for p in sorted(glob.glob(os.path.join(folder, "*_feat.npy"))):
-        modality = os.path.basename(p)[: -len("_feat.npy")]
-        if not re.fullmatch(r"[A-Za-z0-9_]+", modality):  # modalities name torch module-dict keys
-            raise DataError(f"{os.path.basename(p)}: modality names may use letters, digits and _ only")
-        if modality == "review":
-            user_feat = _read_feat(p, n_users, "users")
-        else:
-            item_feats[modality] = _read_feat(p, n_items, "items")
-    item_tags = {os.path.basename(p)[: -len("_tag.npy")]: _read_feat(p, n_items, "items")
-                 for p in sorted(glob.glob(os.path.join(folder, "*_tag.npy")))}
-    item_tags = {b: x for b, x in item_tags.items() if x.shape[1]}
-    manifest = _read_manifest(os.path.join(folder, MANIFEST)) if is_raw(folder) else {}
-    tag_names = {b: manifest.get(f"{b}_tag.npy", {}).get("columns") for b in item_tags}
-    user_ids, item_ids = _read_ids(folder, n_users, n_items) if is_raw(folder) else (
-        np.arange(n).astype(str) for n in (n_users, n_items))
-
-    log(f"loaded {name}: {n_users} users, {n_items} items, "
-        + " / ".join(f"{len(parts[s][0])} {s}" for s in parts)
-        + f"; item modalities: {', '.join(item_feats) or 'none'}; reviews: {'yes' if user_feat is not None else 'no'}"
-        + (f"; item tags: {', '.join(item_tags)}" if item_tags else "")
-        + (f"; {n_cold} users with held-out items but no training items are left out of evaluation" if n_cold else "")
-        + (f"; new items (split seed {split_seed}): {len(cold_sets[0])} cold-valid, {len(cold_sets[1])} cold-test, "
-           f"their {int(new.sum())} pairs out of training" if cold_items else ""))
-    return dict(name=os.path.splitext(name)[0], n_users=n_users, n_items=n_items, **parts,
-                item_feats=item_feats, user_feat=user_feat, item_tags=item_tags, item_tag_names=tag_names,
-                user_ids=user_ids, item_ids=item_ids, n_cold=n_cold, cold=cold)
-
-
-def _read_ids(folder, n_users, n_items):
-    """(user ids, item ids): str arrays from a converted folder's id maps, a row per number."""
-    out = []
-    for f, n in zip(ID_MAPS, (n_users, n_items)):
-        try:
-            with open(os.path.join(folder, f), encoding="utf-8") as fh:
-                rows = [line.rstrip("\r\n").split("\t") for line in fh][1:]
-            ids = np.array([r[0] for r in rows], dtype=str)
-            ok = [int(r[1]) for r in rows] == list(range(len(rows))) and len(rows) >= n
-        except (OSError, UnicodeDecodeError, ValueError, IndexError):
-            ok = False
-        if not ok:
-            raise DataError(f"{f}: unreadable, or not a row 'id<TAB>number' for each number 0..{n - 1}")
-        out.append(ids[:n])
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Raw half: reviews, item metadata and images in, the MMRec layout above out.
+from data import DataError, read_feat
 
 MANIFEST, LOCK = "features_manifest.json", "features.lock"
 ID_MAPS = ("u_id_mapping.csv", "i_id_mapping.csv")  # the raw user and item ids, a row per id
@@ -441,6 +253,31 @@ def _read_manifest(path):
     if not isinstance(manifest, dict) or not all(isinstance(v, dict) for v in manifest.values()):
         raise DataError(f"{path}: not a manifest (a JSON object of objects); delete it or convert with rebuild=True")
     return manifest
+
+
+def raw_ids(folder, n_users, n_items):
+    """(user ids, item ids) of a converted folder: str arrays from its id maps (ID_MAPS), a row
+    per number, the ids the raw files gave; the MMRec layout alone numbers them."""
+    out = []
+    for f, n in zip(ID_MAPS, (n_users, n_items)):
+        try:
+            with open(os.path.join(folder, f), encoding="utf-8") as fh:
+                rows = [line.rstrip("\r\n").split("\t") for line in fh][1:]
+            ids = np.array([r[0] for r in rows], dtype=str)
+            ok = [int(r[1]) for r in rows] == list(range(len(rows))) and len(rows) >= n
+        except (OSError, UnicodeDecodeError, ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise DataError(f"{f}: unreadable, or not a row 'id<TAB>number' for each number 0..{n - 1}")
+        out.append(ids[:n])
+    return out
+
+
+def tag_names(folder):
+    """{block: the column names of <block>_tag.npy} of a converted folder, as its manifest records
+    them: a new item's metadata is read into the catalogue's columns (read_new_items)."""
+    manifest = _read_manifest(os.path.join(folder, MANIFEST))
+    return {f[:-len("_tag.npy")]: v.get("columns") for f, v in manifest.items() if f.endswith("_tag.npy")}
 
 
 def _package_dir(package):
@@ -815,7 +652,7 @@ def read_new_items(folder, modalities, tags, encoders, fill, known=(), *, device
                 p = os.path.join(folder, f"{m}_{suffix}.npy")
                 if not os.path.exists(p):
                     raise DataError(f"{name}: no {m}_{suffix}.npy, and the run was trained with {m}")
-                out[m] = _read_feat(p, len(ids), "ids in item_ids.txt")
+                out[m] = read_feat(p, len(ids), "ids in item_ids.txt")
                 if out[m].shape[1] != width:
                     raise DataError(f"{m}_{suffix}.npy: {out[m].shape[1]} columns, the run's {m} has {width}")
         return dict(item_ids=ids, item_feats=feats, item_tags=item_tags)

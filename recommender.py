@@ -12,9 +12,6 @@ such models, self-contained:
     bpr_loss           the pairwise loss both are trained with
     train              Adam, early stopping on valid Recall@20, best-valid test;
                        resumable from a checkpoint file
-    fit_content_head   new items (no pairs yet) scored from their content, in
-                       the trained model's space (content_matrix, head_items,
-                       head_users)
     recommend          each user's top-K unseen items
 
 Everything takes plain numpy arrays of (user, item) pairs and, for the
@@ -247,92 +244,6 @@ def fit_scale(net, node):
         m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
         lo, hi = (lo, m2) if loss(m1) < loss(m2) else (m1, hi)
     return float(np.exp((lo + hi) / 4))  # s = sqrt(q)
-
-
-def content_stats(feats, fit_items):
-    """{block: (mean [f], sd [f])} of each content block on the fit items (the catalogue known at
-    training time, so a new item's features change nothing fitted), float64. A column constant on
-    the fit items (up to float rounding) gets sd = inf, so it maps to 0, as in mmcpr's prepare:
-    divided by its rounding-sized spread, a new item's small offset there would swamp the rest."""
-    stats = {}
-    for b, x in feats.items():
-        x = torch.as_tensor(np.asarray(x, np.float32)[fit_items], dtype=torch.float64)
-        mu, sd = x.mean(0), x.std(0, correction=0)
-        stats[b] = mu, torch.where(sd > 1e-5 * (1 + mu.abs()), sd + 1e-6, torch.inf)
-    return stats
-
-
-def content_matrix(feats, stats):
-    """Item content {block: [n, f]} -> X [n, F + 1] float64: each block z-scored by its content_stats,
-    each row L2-normalised within the block so that no block outweighs another by its width,
-    concatenated, then a constant 1 (the head's bias)."""
-    blocks = [F.normalize((torch.as_tensor(np.asarray(feats[b], np.float32), dtype=torch.float64) - mu) / sd, dim=1)
-              for b, (mu, sd) in stats.items()]
-    return torch.cat(blocks + [torch.ones(len(blocks[0]), 1, dtype=torch.float64)], 1)
-
-
-def head_items(X, W):
-    """A content head's item vectors [n, d + F] = [x W, x̂]: X [n, F + 1] (content_matrix), W [F + 1, d]."""
-    W = torch.as_tensor(W, dtype=torch.float64, device=X.device)
-    return torch.cat([(X @ W).float(), F.normalize(X[:, :-1].float(), dim=1)], 1)
-
-
-def head_users(head, user_emb):
-    """A content head's user vectors [U, d + F] = [e_u / σ_head, β p_u / σ_prof] (fit_content_head)."""
-    user_emb = torch.as_tensor(user_emb)
-    p = torch.as_tensor(head["profile"], device=user_emb.device)
-    return torch.cat([user_emb / float(head["sd_head"]), float(head["beta"]) * p / float(head["sd_prof"])], 1)
-
-
-RIDGE = tuple(float(v) for v in 10.0 ** np.arange(-2, 3.01, 0.5))  # the content head's strengths, chosen on cold-valid
-PROFILE = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the content profile's weights, chosen on cold-valid
-
-
-def fit_content_head(X, item_emb, fit_items, user_emb, train_pairs, evaluator=None, ridge=RIDGE, profile=PROFILE,
-                     log=print):
-    """Serve new items: a new item has no pair, so no trained embedding; its content is all
-    there is. Two scores, fitted on the items with training pairs:
-
-    1. a linear head into the trained space (DeepMusic's regression): W = argmin |X W - E|²
-       + ridge |W|² maps content X [n_items, F + 1] (content_matrix's: its last column the
-       bias, shrunk like the rest) to the final item embeddings E [n_items, d],
-       and s_head(u, i) = e_u . x_i W, the users unchanged;
-    2. a content profile (content-kNN): p_u = the normalised mean of the content x̂ (X less its
-       bias column, normalised) of u's training items, and s_prof(u, i) = p_u . x̂_i; on the user
-       side it pools the user's items' content, as the paper pools a user's reviews.
-    A new item scores s_head / σ_head + β s_prof / σ_prof, each σ its score's sd over the
-    training pairs: one inner product of head_users [e_u / σ_head, β p_u / σ_prof] and
-    head_items [x_i W, x̂_i]. The strength is kept first (β = 0), then β, each the best
-    Recall@20 on `evaluator` (new items, never test; None: one value each, nothing to choose).
-    β = 0 keeps the head alone. One eigendecomposition of XᵀX serves every strength.
-    Returns the head: dict(W [F + 1, d] float64, profile [n_users, F] float32, sd_head, sd_prof,
-    ridge, beta, ridge_grid, beta_grid: {value: valid Recall@20}), on user_emb's device."""
-    if evaluator is None and (len(ridge), len(profile)) != (1, 1):
-        raise ValueError("fit_content_head: choosing among several strengths needs an evaluator")
-    device = user_emb.device
-    X, E = X.to(device), torch.as_tensor(item_emb, device=device, dtype=torch.float64)
-    fit = torch.as_tensor(fit_items, device=device)
-    e, Q = torch.linalg.eigh(X[fit].T @ X[fit])  # XᵀX = Q diag(e) Qᵀ
-    QtXtE = Q.T @ (X[fit].T @ E[fit])  # [F + 1, d]
-    W = {lam: Q @ (QtXtE / (e + lam)[:, None]) for lam in ridge}  # (XᵀX + λI)⁻¹ XᵀE
-    score = lambda users, items: evaluator.evaluate(users, items)["recall@20"] if evaluator else None
-    ridge_grid = {lam: score(user_emb, (X @ w).float()) for lam, w in W.items()}
-    lam = max(ridge_grid, key=ridge_grid.get) if evaluator else ridge[0]
-    u, i = (torch.as_tensor(np.asarray(a, np.int64), device=device) for a in train_pairs)
-    x = F.normalize(X[:, :-1].float(), dim=1)  # [n_items, F]
-    head = dict(W=W[lam], profile=F.normalize(torch.zeros(len(user_emb), x.shape[1], device=device)
-                                              .index_add_(0, u, x[i]), dim=1), ridge=lam)
-    items = head_items(X, W[lam])
-    head["sd_head"] = (user_emb[u] * items[i, :E.shape[1]]).sum(1).std().clamp_min(1e-12).item()  # over training pairs
-    head["sd_prof"] = (head["profile"][u] * x[i]).sum(1).std().clamp_min(1e-12).item()
-    beta_grid = {b: score(head_users(head | dict(beta=b), user_emb), items) for b in profile}
-    head.update(beta=max(beta_grid, key=beta_grid.get) if evaluator else profile[0], ridge_grid=ridge_grid,
-                beta_grid=beta_grid)
-    if evaluator:
-        log("new items, recall@20 by ridge strength: " + ", ".join(f"{k:g}: {r:.4f}" for k, r in ridge_grid.items())
-            + f"; kept {lam:g}; by profile weight: " + ", ".join(f"{k:g}: {r:.4f}" for k, r in beta_grid.items())
-            + f"; kept {head['beta']:g}")
-    return head
 
 
 @torch.no_grad()

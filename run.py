@@ -6,40 +6,41 @@
     python run.py --serve RUN --new-items DIR     # a finished run ranks new items (serve.py)
     python run.py                                 # offline demo on synthetic data
 
-Data flows one way: load (features.py) -> graphs and pre-training (mmcpr.py)
--> fine-tuning of MF-BPR or LightGCN and evaluation (recommender.py)
--> the run folder: model.npz, recommendations.tsv, metrics.json (serve.py says
-what each holds). The three modules never import each other; this file wires
-them together with plain numpy arrays.
+A run reads top-down, as the paper's pipeline (run):
+    load          features.py (a raw folder, converted once), data.py (the MMRec layout, splits)
+    pre-train     mmcpr.py: graphs, intra- and inter-modal aggregation, BCE + InfoNCE
+    fine-tune     recommender.py: MF-BPR or LightGCN from the pre-trained start, the L2 grid
+                  chosen on valid; evaluated on test at the best valid epoch
+    new items     newitems.py: the content head that ranks items without pairs
+    deliver       runfolder.py: model.npz, recommendations.tsv, metrics.json
+The method's modules never import each other; this file wires them with plain numpy arrays.
 
-An interrupted run resumes: the same command, in the same folder, carries on
-from OUT/progress/ (the settings, each finished unit, the checkpoint of the one
-in flight) and ends with an uninterrupted run's metrics.json; the folder is
-removed once metrics.json is written. SIGINT or SIGTERM stop a run at the end
-of the current epoch (seconds) with a checkpoint, exit 130 or 143; a second one
-stops it at once. Progress of other settings in the folder (a reused --out) is
-refused, exit 2, never resumed or overwritten; --fresh discards it.
+An interrupted run resumes: the same command, in the same folder, carries on from
+OUT/progress/ and ends with an uninterrupted run's metrics.json (runfolder.py). SIGINT or
+SIGTERM stop a run at the end of the current epoch (seconds) with a checkpoint, exit 130 or
+143; a second one stops it at once. Progress of other settings in the folder (a reused
+--out) is refused, exit 2, never resumed or overwritten; --fresh discards it.
 """
 import argparse
-import hashlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 import time
-import zipfile
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+import data as dataset
 import features
 import mmcpr
+import newitems
 import recommender
+import runfolder
 import serve
+from data import DataError
 
 
 def parse_args(argv=None):
@@ -179,121 +180,10 @@ def parse_args(argv=None):
     return args
 
 
-def settings(args, model):
-    """Every setting that can change the result, JSON-able."""
-    s = {k: v for k, v in sorted(vars(args).items())
-         if k not in ("data", "out", "rebuild_features", "fresh", "checkpoint_every", "serve", "new_items")}
-    s.update(model=model, data=os.path.abspath(args.data) if args.data else None)
-    return json.loads(json.dumps(s, sort_keys=True, default=str))
 
-
-def run_name(args, dataset, model):
-    """<dataset>-<model>-s<seed>-<digest>: the digest covers every setting that can change
-    the result, so runs with different settings never share (or overwrite) a folder."""
-    digest = hashlib.sha1(json.dumps(settings(args, model), sort_keys=True).encode()).hexdigest()[:8]
-    return f"{dataset}-{model}" + (f"+{args.recommender}" if model == "mmcpr" else "") + f"-s{args.seed}-{digest}"
-
-
-def check_writable(path):
-    """Fail before training, not after it: the nearest existing folder on `path` must be writable."""
-    p = os.path.abspath(path)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    if not (os.path.isdir(p) and os.access(p, os.W_OK)):
-        raise PermissionError(f"cannot write the output folder {path}: {p} is not a writable folder")
-
-
-def write_atomic(folder, outputs):
-    """outputs {file name: write(binary file)}: every file is written in full to a temporary
-    file in `folder` first, and only then are they all renamed into place, back to back:
-    a failed run changes nothing."""
-    tmps = {}
-    try:
-        for name, write in outputs.items():
-            fd, tmps[name] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-        for name, tmp in tmps.items():
-            os.replace(tmp, os.path.join(folder, name))
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def open_progress(args, model, out):
-    """OUT/progress/, where a run keeps what it has done until metrics.json is written, with
-    the run's settings in settings.json: created, or, left by an interrupted run of the same
-    settings, resumed (one line says from what). --fresh discards it first; an unreadable
-    settings.json is reported and the progress discarded. Progress of other settings is never
-    resumed or overwritten: FileExistsError, naming the settings that differ."""
-    prog, want = os.path.join(out, "progress"), settings(args, model)
-    if args.fresh and os.path.isdir(prog):
-        print(f"--fresh: discarding the progress in {prog}/")
-        shutil.rmtree(prog)
-    if os.path.isdir(prog):
-        try:
-            with open(os.path.join(prog, "settings.json")) as f:
-                have = json.load(f)
-        except (OSError, ValueError) as e:
-            print(f"{prog}/settings.json is unreadable ({type(e).__name__}): discarding that progress, starting afresh")
-            shutil.rmtree(prog)
-        else:
-            if have != want:
-                differ = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
-                raise FileExistsError(f"{prog}/ holds the progress of a run with other settings (differing: "
-                                      f"{', '.join(differ)}): rerun with those, or add --fresh to discard it")
-            done = sorted(f for f in os.listdir(prog) if f.endswith((".npz", ".pt")))
-            print(f"resuming the run in {out}/ from {prog}/: {', '.join(done) or 'nothing finished yet'}")
-            return prog
-    os.makedirs(prog)
-    write_atomic(prog, {"settings.json": lambda f: f.write(json.dumps(want, indent=1).encode())})
-    return prog
-
-
-def discard_progress(out):
-    """Remove OUT/progress/, and OUT if that leaves it empty."""
-    shutil.rmtree(os.path.join(out, "progress"), ignore_errors=True)
-    try:
-        os.rmdir(out)
-    except OSError:  # not empty, or not there
-        pass
-
-
-def unit(prog, name, stop, train):
-    """One resumable unit of a run, the pre-training or one fine-tuning: its result, loaded from
-    prog/<name>.npz where an earlier invocation finished it; else train(checkpoint) with the
-    checkpoint file prog/<name>.pt, its result (a dict of numpy arrays and JSON values) saved to
-    prog/<name>.npz atomically, then that checkpoint removed. An unreadable result is reported
-    in one line and the unit trained again. stop(): asked first; True raises KeyboardInterrupt."""
-    path, checkpoint = os.path.join(prog, f"{name}.npz"), os.path.join(prog, f"{name}.pt")
-    if os.path.exists(path):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return json.loads(str(z["json"])) | {k: z[k] for k in z.files if k != "json"}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            print(f"{path} is unreadable ({type(e).__name__}): training {name} again")
-    if stop is not None and stop():
-        raise KeyboardInterrupt(f"stopped before {name}")
-    res = train(checkpoint)
-    arrays = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
-    rest = np.array(json.dumps({k: v for k, v in res.items() if k not in arrays}))
-    write_atomic(prog, {f"{name}.npz": lambda f: np.savez(f, json=rest, **arrays)})
-    if os.path.exists(checkpoint):
-        os.unlink(checkpoint)
-    return res
-
-
-def run(args, data, model, load_seconds, out, stop=None):
-    """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; once
-    everything has finished, writes into `out` metrics.json, model.npz (the kept model and, for
-    mmcpr with item content, its new-item head), recommendations.tsv and, for mmcpr,
-    pretrained.npz (the start of fine-tuning); returns the metrics dict. Resumes from
-    out/progress/ (open_progress); stop(), asked at the end of every epoch, stops the run with a
-    checkpoint once it returns True (KeyboardInterrupt). timings_s count this invocation's seconds."""
-    t0 = time.perf_counter()
-    timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
+def inputs(args, data, model):
+    """(item content {modality: [I, f]}, user reviews [U, f] or None, the warm items or None): what
+    the run trains on, after --modalities, --no-reviews and --cold-items. Checked before training."""
     item_feats, user_feat = data["item_feats"], None if args.no_reviews else data["user_feat"]
     if model == "mmcpr" and data["cold"] and user_feat is not None:  # it pools reviews of new items too
         print("note: --cold-items ignores review_feat.npy: it was built from training reviews that include the "
@@ -303,53 +193,60 @@ def run(args, data, model, load_seconds, out, stop=None):
         wanted = [] if args.modalities == "none" else args.modalities.split(",")
         missing = [m for m in wanted if m not in item_feats]
         if missing:
-            raise features.DataError(f"--modalities: {', '.join(missing)} not in {data['name']} "
-                                     f"(has: {', '.join(item_feats) or 'none'})")
+            raise DataError(f"--modalities: {', '.join(missing)} not in {data['name']} "
+                            f"(has: {', '.join(item_feats) or 'none'})")
         item_feats = {m: item_feats[m] for m in wanted}
-    downstream = args.recommender if model == "mmcpr" else model
     c = data["cold"]  # new items: no negatives, not ranked in the warm task, their ID masked in pre-training
-    new = None if c is None else np.r_[c["valid_items"], c["test_items"]]
-    warm = None if c is None else np.setdiff1d(np.arange(data["n_items"]), new)
+    warm = None if c is None else np.setdiff1d(np.arange(data["n_items"]), np.r_[c["valid_items"], c["test_items"]])
     n_pool = data["n_items"] if warm is None else len(warm)  # the items a negative is drawn from
     full = np.flatnonzero(np.bincount(data["train"][0], minlength=data["n_users"]) >= n_pool)
     if len(full):  # training pairs are unique, so this user has every item: no negative to sample
         pool = "item" if warm is None else f"warm item ({n_pool} once --cold-items holds the new ones out)"
-        raise features.DataError(f"{data['name']}: user {full[0]} has trained on every {pool}: no negative to sample")
+        raise DataError(f"{data['name']}: user {full[0]} has trained on every {pool}: no negative to sample")
+    return item_feats, user_feat, warm
 
-    prog = open_progress(args, model, out)
-    init, pre = {}, {}
-    if model == "mmcpr":
-        u, i = data["train"]
-        R = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(data["n_users"], data["n_items"]))
 
-        def pretrain(checkpoint):
-            t = time.perf_counter()
-            pre = mmcpr.pretrain(R, item_feats, user_feat, dim=args.dim, knn=args.knn, layers=args.layers,
-                                 epochs=args.pretrain_epochs, batch=args.pretrain_batch,
-                                 align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
-                                 tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
-                                 modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
-                                 new_items=new,
-                                 user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
-                                 align=not args.no_align, standardize=not args.no_standardize,
-                                 device=args.device, seed=args.seed, log=print,
-                                 checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop)
-            timings["graphs"] = pre["graph_seconds"]
-            timings["pretrain"] = time.perf_counter() - t - pre["graph_seconds"]
-            if not (np.isfinite(pre["user_emb"]).all() and np.isfinite(pre["item_emb"]).all()):
-                raise FloatingPointError("pre-training diverged: non-finite representations (try a lower --pretrain-lr)")
-            return pre
+def pretrain(args, data, item_feats, user_feat, prog, stop, timings):
+    """MMCPR's pre-training on the training pairs (mmcpr.pretrain), a resumable unit of the run."""
+    c = data["cold"]
+    u, i = data["train"]
+    R = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(data["n_users"], data["n_items"]))
 
-        pre = unit(prog, "pretrain", stop, pretrain)
-        init = dict(user_init=pre["user_emb"], item_init=pre["item_emb"])
-        for side, w in pre["modality_weights"].items():
-            print(f"mean {side} modality weights: " + ", ".join(f"{m} {v:.3f}" for m, v in w.items()))
-        for note in pre["notes"]:
-            print(f"note: {note}")
+    def train(checkpoint):
+        t = time.perf_counter()
+        pre = mmcpr.pretrain(R, item_feats, user_feat, dim=args.dim, knn=args.knn, layers=args.layers,
+                             epochs=args.pretrain_epochs, batch=args.pretrain_batch,
+                             align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
+                             tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
+                             modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
+                             new_items=None if c is None else np.r_[c["valid_items"], c["test_items"]],
+                             user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
+                             align=not args.no_align, standardize=not args.no_standardize,
+                             device=args.device, seed=args.seed, log=print,
+                             checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop)
+        timings["graphs"] = pre["graph_seconds"]
+        timings["pretrain"] = time.perf_counter() - t - pre["graph_seconds"]
+        if not (np.isfinite(pre["user_emb"]).all() and np.isfinite(pre["item_emb"]).all()):
+            raise FloatingPointError("pre-training diverged: non-finite representations (try a lower --pretrain-lr)")
+        return pre
 
-    # The L2 grid (MMRec's convention): every value fine-tunes the same start with early stopping,
-    # and the one with the best valid Recall@20 is kept, its test metrics the result. Test is never read to choose.
-    def fine_tune(name, l2, **init):  # a unit of the run: prog/<name>.npz once finished
+    pre = runfolder.unit(prog, "pretrain", stop, train)
+    for side, w in pre["modality_weights"].items():
+        print(f"mean {side} modality weights: " + ", ".join(f"{m} {v:.3f}" for m, v in w.items()))
+    for note in pre["notes"]:
+        print(f"note: {note}")
+    return pre
+
+
+def fine_tune(args, data, downstream, pre, warm, prog, stop, timings):
+    """The L2 grid (MMRec's convention): every value fine-tunes the same start (pre-trained, or the
+    recommender's own random one) with early stopping, and the one with the best valid Recall@20
+    is kept. --start best then also trains the random start at that L2, and valid keeps the
+    better start. Test is never read to choose. Returns ({start: train()'s result}, the models the
+    new items may be served from; the choices for metrics.json: l2, grid, start, scratch)."""
+    init = dict(user_init=pre["user_emb"], item_init=pre["item_emb"]) if pre else {}
+
+    def unit(name, l2, **init):  # one fine-tuning, a resumable unit of the run
         def train(checkpoint):
             try:
                 r = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
@@ -362,14 +259,13 @@ def run(args, data, model, load_seconds, out, stop=None):
                 raise FloatingPointError(f"{downstream} with l2 {l2:g}: {e} (try a lower --lr)") from None
             timings["eval"] += sum(r["eval_seconds"])
             return r
-        return unit(prog, name, stop, train)
+        return runfolder.unit(prog, name, stop, train)
 
-    t = time.perf_counter()
     l2s, grid, res = args.l2 or (recommender.TUNED[downstream]["l2"],), [], None
     for k, l2 in enumerate(l2s):
         if len(l2s) > 1:
             print(f"--- {downstream} with l2 {l2:g} ({k + 1} of {len(l2s)})")
-        r = fine_tune(f"finetune-{l2!r}", l2, **init)
+        r = unit(f"finetune-{l2!r}", l2, **init)
         grid.append({"l2": l2, "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
         if res is None or r["valid"]["recall@20"] > res["valid"]["recall@20"]:
             res, kept = r, l2
@@ -377,19 +273,39 @@ def run(args, data, model, load_seconds, out, stop=None):
         print(f"l2 kept: {kept:g}, the best valid recall@20 of the grid ("
               + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
     start = "pretrained" if init else "scratch"
-    trained, scratch = {start: res}, None  # the fine-tuned models the new items may be served from
+    trained, scratch = {start: res}, None
     if init and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
         print(f"--- {downstream} from its own random start (scratch), l2 {kept:g}")
-        own = trained["scratch"] = fine_tune(f"scratch-{kept!r}", kept)
+        own = trained["scratch"] = unit(f"scratch-{kept!r}", kept)
         scratch = {"best_epoch": own["best_epoch"], "valid_recall@20": own["valid"]["recall@20"]}
         start = "scratch" if own["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
         print(f"start kept: {start} (valid recall@20: pretrained {res['valid']['recall@20']:.4f}, "
               f"scratch {own['valid']['recall@20']:.4f})")
-        res = trained[start]
-    timings["finetune"] = time.perf_counter() - t - timings["eval"]
+    return trained, dict(l2=kept, grid=grid, start=start, scratch=scratch)
+
+
+def run(args, data, model, load_seconds, out, stop=None):
+    """Pre-train (mmcpr) and fine-tune, or train a baseline (mf, lightgcn), on `data`; once
+    everything has finished, writes into `out` metrics.json, model.npz (the kept model and, for
+    mmcpr with item content, its new-item head), recommendations.tsv and, for mmcpr,
+    pretrained.npz (the start of fine-tuning); returns the metrics dict. Resumes from
+    out/progress/ (runfolder.open_progress); stop(), asked at the end of every epoch, stops the run
+    with a checkpoint once it returns True (KeyboardInterrupt). timings_s count this invocation's seconds."""
+    t0 = time.perf_counter()
+    timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
+    downstream = args.recommender if model == "mmcpr" else model
+    item_feats, user_feat, warm = inputs(args, data, model)
+    prog = runfolder.open_progress(args, model, out)
+    pre = pretrain(args, data, item_feats, user_feat, prog, stop, timings) if model == "mmcpr" else {}
+
     t = time.perf_counter()
-    head_entry, head_npz = serve.fit_head(data, model, item_feats, trained, ks=args.topk, holdout=args.head_holdout,
-                                          split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
+    trained, chosen = fine_tune(args, data, downstream, pre, warm, prog, stop, timings)
+    res = trained[chosen["start"]]
+    timings["finetune"] = time.perf_counter() - t - timings["eval"]
+
+    t = time.perf_counter()
+    head_entry, head_npz = newitems.fit_head(data, model, item_feats, trained, ks=args.topk, holdout=args.head_holdout,
+                                             split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
     timings["head"] = time.perf_counter() - t
 
     # The deliverables: the kept model, and each user's top K among the items ranked (never a known pair)
@@ -400,17 +316,15 @@ def run(args, data, model, load_seconds, out, stop=None):
     top, scores = recommender.recommend(torch.as_tensor(res["user_emb"], device=args.device),
                                         torch.as_tensor(res["item_emb"], device=args.device), ranked_users, known,
                                         args.recommend_k, warm)
-    tsv = serve.recommendations_tsv(data["user_ids"], data["item_ids"], ranked_users, top, scores)
+    tsv = runfolder.recommendations_tsv(data["user_ids"], data["item_ids"], ranked_users, top, scores)
     timings["recommend"] = time.perf_counter() - t
     model_npz = dict(user_emb=res["user_emb"], item_emb=res["item_emb"], user_ids=data["user_ids"],
                      item_ids=data["item_ids"], ranked_users=ranked_users, ranked_items=ranked_items, **head_npz)
     timings["total"] = load_seconds + time.perf_counter() - t0
-
     metrics = dict(
-        dataset=data["name"], model=model, recommender=downstream, seed=args.seed, device=args.device,
-        l2=kept, grid=grid, start=start, scratch=scratch, best_epoch=res["best_epoch"], valid=res["valid"],
-        test=res["test"], start_scale=res["scale"], timings_s=timings,
-        encode_seconds=data.get("encode_seconds", {}),
+        dataset=data["name"], model=model, recommender=downstream, seed=args.seed, device=args.device, **chosen,
+        best_epoch=res["best_epoch"], valid=res["valid"], test=res["test"], start_scale=res["scale"],
+        timings_s=timings, encode_seconds=data.get("encode_seconds", {}),
         seconds_per_epoch=dict(finetune=float(np.mean(res["epoch_seconds"])) if res["epoch_seconds"] else None,
                                eval=float(np.mean(res["eval_seconds"])),
                                pretrain=float(np.mean(pre["epoch_seconds"])) if pre.get("epoch_seconds") else None),
@@ -421,64 +335,79 @@ def run(args, data, model, load_seconds, out, stop=None):
         cold=head_entry if data["cold"] else None, head=None if data["cold"] else head_entry,
         history=res["history"], args=vars(args) | dict(model=model),
     )
-    os.makedirs(out, exist_ok=True)
     outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode()),
                "model.npz": lambda f: np.savez(f, **model_npz), "recommendations.tsv": lambda f: f.write(tsv)}
     if model == "mmcpr":  # the start of fine-tuning, not the model that scored
         outputs["pretrained.npz"] = lambda f: np.savez(f, user_emb=pre["user_emb"], item_emb=pre["item_emb"])
-    write_atomic(out, outputs)
-    for stale in {"pretrained.npz", "user_emb.npy", "item_emb.npy"} - set(outputs):  # a reused --out: one run's files
-        if os.path.exists(os.path.join(out, stale)):
-            os.unlink(os.path.join(out, stale))
-    shutil.rmtree(prog)  # the run folder keeps the deliverables, not the progress
-    ks = args.topk
-    print(f"\n{data['name']} {model}" + (f" + {downstream}" if model == "mmcpr" else "")
-          + f": best epoch {res['best_epoch']}, {timings['total']:.1f}s; model, recommendations, metrics in {out}/")
+    runfolder.finish(out, prog, outputs)
+    report(metrics, out)
+    return metrics
+
+
+def report(metrics, out):
+    """The run's closing lines: where its files are, and a table of its metrics."""
+    ks, model, cold = metrics["args"]["topk"], metrics["model"], metrics["cold"]
+    print(f"\n{metrics['dataset']} {model}" + (f" + {metrics['recommender']}" if model == "mmcpr" else "")
+          + f": best epoch {metrics['best_epoch']}, {metrics['timings_s']['total']:.1f}s; model, recommendations, "
+            f"metrics in {out}/")
     print("split".ljust(10) + "".join(f"{m}@{k}".rjust(14) for k in ks for m in ("recall", "ndcg")))
     for s in ("valid", "test"):
         print(s.ljust(10) + "".join(f"{metrics[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
-    cold = metrics["cold"]
     for s in ("valid", "test") if cold and cold["test"] else ():
         print(f"cold-{s}".ljust(10) + "".join(f"{cold[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
     if cold and cold["note"]:
         print(f"new items: {cold['note']}")
-    return metrics
+
+
+def load(args, folder):
+    """The dataset of --data: a raw folder converted first (features.py), then the MMRec layout
+    loaded and split (data.py), with a converted folder's own ids and tag names."""
+    t = time.perf_counter()
+    conversion = {}
+    if features.is_raw(folder):
+        conversion = features.convert_raw(folder, kcore=args.kcore, split_seed=args.split_seed,
+                                          text_encoder=args.text_encoder, image_encoder=args.image_encoder,
+                                          device=args.device, precision=args.precision,
+                                          rebuild=args.rebuild_features, log=print) or {}
+    data = dataset.load_mmrec(folder, cold_items=args.cold_items, split_seed=args.split_seed)
+    data["item_tag_names"] = {}
+    if features.is_raw(folder):
+        data["user_ids"], data["item_ids"] = features.raw_ids(folder, data["n_users"], data["n_items"])
+        data["item_tag_names"] = features.tag_names(folder)
+    data["encode_seconds"], data["encoders"] = conversion.get("encode_seconds", {}), conversion.get("encoders")
+    return data, time.perf_counter() - t
+
+
+def serve_new_items(args):
+    """--serve RUN --new-items DIR: a finished run ranks new items; no training. Exit status."""
+    out = args.out or os.path.join(args.serve, "new-" + os.path.basename(os.path.abspath(args.new_items)))
+    try:
+        if os.path.exists(os.path.join(out, "model.npz")):
+            raise DataError(f"--out {out} holds a run: its recommendations.tsv would be overwritten")
+        runfolder.check_writable(out)
+        outputs = serve.serve(args.serve, args.new_items, args.recommend_k, args.device)
+        os.makedirs(out, exist_ok=True)
+        runfolder.write_atomic(out, outputs)
+    except (DataError, ImportError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"new items' recommendations and vectors in {out}/")
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.serve:  # a finished run ranks new items: no training
-        out = args.out or os.path.join(args.serve, "new-" + os.path.basename(os.path.abspath(args.new_items)))
-        try:
-            if os.path.exists(os.path.join(out, "model.npz")):
-                raise features.DataError(f"--out {out} holds a run: its recommendations.tsv would be overwritten")
-            check_writable(out)
-            outputs = serve.serve(args.serve, args.new_items, args.recommend_k, args.device)
-            os.makedirs(out, exist_ok=True)
-            write_atomic(out, outputs)
-        except (features.DataError, ImportError, PermissionError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"new items' recommendations and vectors in {out}/")
-        return 0
+    if args.serve:
+        return serve_new_items(args)
     folder, models = args.data, [args.model]
     try:  # the user's input and set-up: a missing file or package, bad data, nowhere to write
-        check_writable(args.out or "runs")
+        runfolder.check_writable(args.out or "runs")
         if folder is None:  # the embedded demo: synthetic raw data, then the baselines against MMCPR
             folder, models = os.path.join(args.out or "runs", f"demo-data-{args.seed}"), ["mf", "lightgcn", "mmcpr"]
             print(f"no --data: running the offline demo on SYNTHETIC data generated in {folder}/")
             features.make_demo(folder, seed=args.seed)
-        t = time.perf_counter()
-        conversion = {}
-        if features.is_raw(folder):
-            conversion = features.convert_raw(folder, kcore=args.kcore, split_seed=args.split_seed,
-                                              text_encoder=args.text_encoder, image_encoder=args.image_encoder,
-                                              device=args.device, precision=args.precision,
-                                              rebuild=args.rebuild_features, log=print) or {}
-        data = features.load_mmrec(folder, cold_items=args.cold_items, split_seed=args.split_seed)
-        data["encode_seconds"], data["encoders"] = conversion.get("encode_seconds", {}), conversion.get("encoders")
-        load_seconds = time.perf_counter() - t
-    except (features.DataError, ImportError, FileNotFoundError, PermissionError) as e:
+        data, load_seconds = load(args, folder)
+    except (DataError, ImportError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results, signals = {}, []
@@ -493,7 +422,7 @@ def main(argv=None):
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:  # training: only bad input and divergence are one line; anything else is a bug, with its traceback
         for m in models:  # --out names the folder of a single run; the demo puts its runs under it
-            name = run_name(args, data["name"], m)
+            name = runfolder.run_name(args, data["name"], m)
             out = args.out if args.out and args.data else os.path.join(args.out or "runs", name)
             results[m] = run(args, data, m, load_seconds, out, stop=lambda: bool(signals))
     except KeyboardInterrupt:  # from stop(): the checkpoint is written
@@ -505,8 +434,8 @@ def main(argv=None):
     except FileExistsError as e:  # another run's progress: left as it is
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (features.DataError, FloatingPointError, PermissionError) as e:
-        discard_progress(out)  # the same command would fail the same way
+    except (DataError, FloatingPointError, PermissionError) as e:
+        runfolder.discard_progress(out)  # the same command would fail the same way
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

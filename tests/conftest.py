@@ -3,6 +3,8 @@ import string
 
 import pytest
 
+from helpers import make_dataset, quiet
+
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
@@ -23,3 +25,11 @@ def tiny(tmp_path_factory):
                                                  num_attention_heads=2, intermediate_size=37)).save_pretrained(image)
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(image)
     return str(text), str(image)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """(folder, data.load_mmrec's dict) of helpers.make_dataset's toy dataset."""
+    import data
+    folder = make_dataset(tmp_path_factory.mktemp("toy") / "toy")
+    return folder, data.load_mmrec(str(folder), log=quiet)

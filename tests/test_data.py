@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import features  # noqa: E402
+import data as dataset  # noqa: E402
 
 ROWS = [(0, 0, 0), (0, 1, 0), (0, 2, 1), (1, 1, 0), (1, 3, 2), (2, 2, 0), (2, 0, 1), (2, 3, 2)]
 
@@ -19,7 +19,7 @@ def write(folder, rows=ROWS, header="userID\titemID\tx_label", name="toy.inter")
 
 
 def load(folder):
-    return features.load_mmrec(str(folder), log=lambda s: None)
+    return dataset.load_mmrec(str(folder), log=lambda s: None)
 
 
 def test_loads_mmrec_layout_with_extra_columns_and_features(tmp_path):
@@ -46,7 +46,7 @@ def test_item_tags_are_read_and_empty_blocks_left_out(tmp_path):
     assert list(d["item_tags"]) == ["category"] and list(d["item_feats"]) == ["image"]  # tags are no modality
     np.testing.assert_array_equal(d["item_tags"]["category"], np.eye(4, 2, dtype=np.float32))
     np.save(tmp_path / "year_tag.npy", np.zeros((3, 1)))
-    with pytest.raises(features.DataError, match=r"year_tag\.npy: 3 rows but the data has 4 items"):
+    with pytest.raises(dataset.DataError, match=r"year_tag\.npy: 3 rows but the data has 4 items"):
         load(tmp_path)
 
 
@@ -84,19 +84,19 @@ BAD = {
 def test_malformed_inter_gives_one_line_error_naming_the_file(tmp_path, case):
     kwargs, message = BAD[case]
     write(tmp_path, **kwargs)
-    with pytest.raises(features.DataError, match=message) as e:
+    with pytest.raises(dataset.DataError, match=message) as e:
         load(tmp_path)
     assert str(e.value).startswith("toy.inter:") and "\n" not in str(e.value)
 
 
 def test_folder_problems(tmp_path):
-    with pytest.raises(features.DataError, match="no such folder"):
+    with pytest.raises(dataset.DataError, match="no such folder"):
         load(tmp_path / "absent")
-    with pytest.raises(features.DataError, match="exactly one .*found none"):
+    with pytest.raises(dataset.DataError, match="exactly one .*found none"):
         load(tmp_path)
     write(tmp_path)
     write(tmp_path, name="other.inter")
-    with pytest.raises(features.DataError, match="found other.inter, toy.inter"):
+    with pytest.raises(dataset.DataError, match="found other.inter, toy.inter"):
         load(tmp_path)
 
 
@@ -115,13 +115,13 @@ def test_bad_feature_files(tmp_path, name, array, message):
         (tmp_path / name).write_bytes(b"")
     else:
         np.save(tmp_path / name, array)
-    with pytest.raises(features.DataError, match=message):
+    with pytest.raises(dataset.DataError, match=message):
         load(tmp_path)
 
 
 def test_inter_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "toy.inter").write_bytes(b"userID\titemID\tx_label\n0\t0\t0\n\xff\xfe\t1\t0\n")
-    with pytest.raises(features.DataError, match=r"^toy\.inter: not UTF-8 text"):
+    with pytest.raises(dataset.DataError, match=r"^toy\.inter: not UTF-8 text"):
         load(tmp_path)
 
 
@@ -139,7 +139,7 @@ def test_cold_split_follows_the_protocol(tmp_path, frac):
     rows = random_rows()
     write(tmp_path, rows)
     np.save(tmp_path / "image_feat.npy", np.arange(40, dtype=np.float32).reshape(20, 2))
-    d = features.load_mmrec(str(tmp_path), cold_items=frac, split_seed=3, log=lambda s: None)
+    d = dataset.load_mmrec(str(tmp_path), cold_items=frac, split_seed=3, log=lambda s: None)
     order = np.random.default_rng(3).permutation(np.unique([i for _, i, _ in rows]))
     c = round(frac * len(order))
     np.testing.assert_array_equal(d["cold"]["valid_items"], np.sort(order[:c // 2]))
@@ -159,13 +159,13 @@ def test_cold_split_follows_the_protocol(tmp_path, frac):
 
 def test_cold_split_depends_on_split_seed_alone(tmp_path):
     write(tmp_path, random_rows())
-    load_ = lambda seed: features.load_mmrec(str(tmp_path), cold_items=0.3, split_seed=seed, log=lambda s: None)["cold"]
+    load_ = lambda seed: dataset.load_mmrec(str(tmp_path), cold_items=0.3, split_seed=seed, log=lambda s: None)["cold"]
     a, b, c = load_(0), load_(0), load_(1)
     for k in ("valid_items", "test_items"):
         np.testing.assert_array_equal(a[k], b[k])
     assert not np.array_equal(a["test_items"], c["test_items"])
-    assert features.load_mmrec(str(tmp_path), log=lambda s: None)["cold"] is None
-    with pytest.raises(features.DataError, match="cold_items"):
-        features.load_mmrec(str(tmp_path), cold_items=1.0, log=lambda s: None)
-    with pytest.raises(features.DataError, match="cold-valid and cold-test need one each"):
-        features.load_mmrec(str(tmp_path), cold_items=0.05, log=lambda s: None)  # 1 of 20 items
+    assert dataset.load_mmrec(str(tmp_path), log=lambda s: None)["cold"] is None
+    with pytest.raises(dataset.DataError, match="cold_items"):
+        dataset.load_mmrec(str(tmp_path), cold_items=1.0, log=lambda s: None)
+    with pytest.raises(dataset.DataError, match="cold-valid and cold-test need one each"):
+        dataset.load_mmrec(str(tmp_path), cold_items=0.05, log=lambda s: None)  # 1 of 20 items

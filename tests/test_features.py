@@ -18,8 +18,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from features import (DataError, _atomic, _kcore, _precision, _read_items, _split, convert_raw, is_raw,  # noqa: E402
-                      load_mmrec, make_demo)
+from data import DataError, load_mmrec  # noqa: E402
+from features import (_atomic, _kcore, _precision, _read_items, _split, convert_raw, is_raw, make_demo)  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mmcpr  # noqa: E402
+from helpers import Killed, assert_same, quiet, stop_once  # noqa: E402
 
 FAST = settings(max_examples=30, deadline=None)
 
@@ -571,3 +572,20 @@ def test_pretrain_refuses_a_new_item_with_a_training_pair_and_masks_new_items():
     out = mmcpr.pretrain(R, feats, user_feat, new_items=[0, 1], **kw)
     np.testing.assert_array_equal(out['item_emb'][:2], out['item_content_emb'][:2])  # content alone
     assert not np.allclose(out['item_emb'][2:], out['item_content_emb'][2:])
+
+
+def test_pretraining_stopped_then_killed_ends_as_an_uninterrupted_one(toy, tmp_path):
+    """Modality and ID dropout draw from torch's RNG: its state is in the checkpoint too."""
+    d = toy[1]
+    R = sp.csr_matrix((np.ones(len(d["train"][0])), d["train"]), shape=(d["n_users"], d["n_items"]))
+    kw = dict(epochs=6, batch=64, dim=16, modality_dropout=0.3, id_dropout=0.2, log=quiet)
+    want = mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw)
+    ck = str(tmp_path / "ck.pt")
+    with pytest.raises(KeyboardInterrupt):
+        mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw, checkpoint=ck, stop=stop_once(after=1))
+    with pytest.raises(Killed):
+        mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw, checkpoint=ck, checkpoint_every=0,
+                       stop=stop_once(after=2, kill=True))
+    assert mmcpr.load_checkpoint(ck)["epoch"] == 4
+    assert_same(mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw, checkpoint=ck), want,
+                timing=("epoch_seconds", "graph_seconds"))

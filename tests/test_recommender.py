@@ -1,16 +1,18 @@
 """MF-BPR, LightGCN, the negative sampler and the MMRec-protocol evaluator."""
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import recommender as rec  # noqa: E402
+import recommender  # noqa: E402
+from helpers import Killed, assert_same, quiet, stop_once  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -446,60 +448,6 @@ def test_items_outside_the_catalogue_are_never_negatives_nor_ranked(model):
     assert np.isin(negs, pool).all()
 
 
-def content_case(seed=0, n_items=60, n_users=30, d=4):
-    rng = np.random.default_rng(seed)
-    feats = {"text": rng.standard_normal((n_items, 6)), "image": rng.standard_normal((n_items, 3))}
-    fit = np.arange(40)  # items 40..59 are new
-    return rng, feats, fit, rec.content_matrix(feats, rec.content_stats(feats, fit))
-
-
-def test_content_matrix_standardises_on_the_fit_items_and_adds_a_bias():
-    rng, feats, fit, X = content_case()
-    assert X.shape == (60, 10) and torch.all(X[:, -1] == 1)
-    assert torch.allclose(X[:, :6].norm(dim=1), torch.ones(60, dtype=X.dtype))  # each modality's block
-    assert torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
-    feats["text"][40:] += 100  # a new item's features move nothing fitted on the others
-    assert torch.equal(rec.content_matrix(feats, rec.content_stats(feats, fit))[:40], X[:40])
-    feats["image"][:40, 0] = 3.0  # constant on the fit items: 0 for every item, a new one's offset too
-    feats["image"][40:, 0] = 3.0 + 1e-3
-    X = rec.content_matrix(feats, rec.content_stats(feats, fit))
-    assert torch.all(X[:, 6] == 0) and torch.allclose(X[:, 6:9].norm(dim=1), torch.ones(60, dtype=X.dtype))
-
-
-def test_content_head_recovers_a_linear_map_and_keeps_the_valid_best_strength():
-    rng, feats, fit, X = content_case()
-    E = (X @ torch.as_tensor(rng.standard_normal((10, 4)))).float().numpy()  # embeddings that content explains
-    users = torch.as_tensor(rng.standard_normal((30, 4)), dtype=torch.float32)
-    train = (np.arange(30), rng.choice(fit, 30))
-    ev = rec.Evaluator(60, train, (np.arange(30), rng.choice(np.arange(40, 60), 30)), ks=(5, 20),
-                       candidates=np.arange(40, 60))
-    f = rec.fit_content_head(X, E, fit, users, train, ev, ridge=(1e-8, 1e3), profile=(0.0,), log=lambda s: None)
-    U, I = rec.head_users(f, users), rec.head_items(X, f["W"])
-    np.testing.assert_allclose(I[40:, :4].numpy(), E[40:], atol=1e-3)  # new items, from their content alone
-    assert f["ridge"] == max(f["ridge_grid"], key=f["ridge_grid"].get) and f["ridge_grid"][1e-8] >= f["ridge_grid"][1e3]
-    assert torch.equal(U[:, 4:], torch.zeros(30, 9))  # β = 0: the head alone
-    assert ev.evaluate(U, I) == pytest.approx(ev.evaluate(users, I[:, :4]))
-    again = rec.fit_content_head(X, E, fit, users, train, None, ridge=(f["ridge"],), profile=(0.0,))  # chosen: no evaluator
-    assert torch.equal(again["W"], f["W"]) and again["ridge_grid"] == {f["ridge"]: None}
-    with pytest.raises(ValueError, match="needs an evaluator"):
-        rec.fit_content_head(X, E, fit, users, train, None)
-
-
-def test_content_profile_is_weighed_in_when_it_ranks_better_on_valid():
-    # Item embeddings that content cannot explain, but each user's held-out new item is the one
-    # most like the content of their training items: only the profile ranks it, and β > 0 is kept.
-    rng, feats, fit, X = content_case(1, n_items=140)  # 100 new items, 40 with pairs
-    x = F.normalize(X[:, :-1].float(), dim=1)
-    train = (np.arange(30), rng.choice(fit, 30))
-    target = (np.arange(30), 40 + (x[train[1]] @ x[40:].T).argmax(1).numpy())
-    ev = rec.Evaluator(140, train, target, ks=(1, 20), candidates=np.arange(40, 140))
-    users = torch.as_tensor(rng.standard_normal((30, 4)), dtype=torch.float32)
-    E = rng.standard_normal((140, 4)).astype(np.float32)
-    f = rec.fit_content_head(X, E, fit, users, train, ev, log=lambda s: None)
-    assert f["beta"] > 0 and f["beta_grid"][f["beta"]] == max(f["beta_grid"].values()) > f["beta_grid"][0.0]
-    assert ev.evaluate(rec.head_users(f, users), rec.head_items(X, f["W"]))["recall@1"] > 0.5
-
-
 def test_recommend_by_hand():
     """Scores u0: [4, 3, 2, 1], u1: [1, 2, 3, 4]. u0 knows item 0; u1 knows items 3, 2, 1."""
     users = torch.tensor([[1.0], [-1.0]])
@@ -527,3 +475,38 @@ def test_recommend_is_the_brute_force_top_k_of_unseen_items(n_users, n_items, k,
         got = [i for i in top[row] if i >= 0]
         assert len(got) == min(k, len(unseen)) and not seen & {(u, i) for i in got}
         assert scores[row][:len(got)].tolist() == pytest.approx([(U[u] @ I[i]).item() for i in want], rel=1e-5)
+
+
+@pytest.mark.parametrize("model", ["mf", "lightgcn"])
+def test_fine_tuning_stopped_then_killed_ends_as_an_uninterrupted_one(toy, tmp_path, model):
+    d = toy[1]
+    rng = np.random.default_rng(1)
+    pos = (d["n_users"], d["n_items"], d["train"], d["valid"], d["test"])
+    # from a given start, rescaled (fit_scale) before epoch 1: a resumed training must not redo that
+    kw = dict(model=model, epochs=12, patience=12, batch=64, lr=1e-2, l2=1e-3, ks=(20,), log=quiet,
+              user_init=rng.standard_normal((d["n_users"], 8)), item_init=rng.standard_normal((d["n_items"], 8)))
+    want = recommender.train(*pos, **kw)
+    ck = str(tmp_path / "ck.pt")
+    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 3: checkpoint written
+        recommender.train(*pos, **kw, checkpoint=ck, checkpoint_every=float("inf"), stop=stop_once(after=2))
+    with pytest.raises(Killed):  # every epoch checkpointed, killed after epoch 7 before its checkpoint
+        recommender.train(*pos, **kw, checkpoint=ck, checkpoint_every=0, stop=stop_once(after=3, kill=True))
+    assert recommender.load_checkpoint(ck)["epoch"] == 6
+    assert_same(recommender.train(*pos, **kw, checkpoint=ck), want)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_an_unreadable_checkpoint_is_one_line_and_a_fresh_start(toy, tmp_path, damage):
+    d = toy[1]
+    pos = (d["n_users"], d["n_items"], d["train"], d["valid"], d["test"])
+    kw = dict(model="lightgcn", epochs=6, patience=6, ks=(20,), log=quiet)
+    want = recommender.train(*pos, **kw)
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        recommender.train(*pos, **kw, checkpoint=str(ck), stop=stop_once(after=2))
+    data = ck.read_bytes()
+    ck.write_bytes(data[:len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    lines = []
+    assert_same(recommender.train(*pos, **{**kw, "log": lines.append}, checkpoint=str(ck)), want)
+    assert len([line for line in lines if "unreadable" in line]) == 1
+    assert not any("resumed" in line for line in lines)

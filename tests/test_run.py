@@ -8,27 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_dataset(folder, n_users=60, n_items=40, seed=0):
-    """MMRec layout with two item modalities and reviews; every user has train, valid and test items."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir()
-    lines = ["userID\titemID\trating\tx_label"]
-    for u in range(n_users):
-        items = rng.choice(n_items, 8, replace=False)
-        lines += [f"{u}\t{i}\t5\t{s}" for i, s in zip(items, [0] * 6 + [1, 2])]
-    (folder / "toy.inter").write_text("\n".join(lines) + "\n")
-    np.save(folder / "image_feat.npy", rng.standard_normal((n_items, 12)).astype(np.float16))
-    np.save(folder / "audio_feat.npy", rng.standard_normal((n_items, 7)))
-    np.save(folder / "review_feat.npy", rng.standard_normal((n_users, 5)).astype(np.float32))
-    return folder
-
-
-def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+from helpers import ROOT, make_dataset, run
+import data as dataset  # noqa: E402  (helpers puts the root on sys.path)
+import runfolder  # noqa: E402
 
 
 @pytest.mark.parametrize("model,extra", [("mf", []), ("lightgcn", ["--ui-layers", "1"]),
@@ -114,12 +96,10 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path):
 
 def test_pretraining_sees_training_pairs_only(tmp_path, monkeypatch):
     """run.py must hand mmcpr.pretrain the train split and nothing of valid or test."""
-    sys.path.insert(0, str(ROOT))
-    import features
     import mmcpr
     import run as run_module
 
-    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
     seen = {}
 
     def fake_pretrain(R, *args, **kwargs):
@@ -141,12 +121,10 @@ def test_pretraining_sees_training_pairs_only(tmp_path, monkeypatch):
 
 def fake_pretrain_run(tmp_path, monkeypatch, *flags):
     """The kwargs and features run.py hands mmcpr.pretrain under `flags`."""
-    sys.path.insert(0, str(ROOT))
-    import features
     import mmcpr
     import run as run_module
 
-    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
     seen = {}
 
     def fake_pretrain(R, item_feats, user_feat, **kwargs):
@@ -225,13 +203,11 @@ def test_divergence_names_the_stage_and_bugs_keep_their_traceback(tmp_path, monk
 
 def fake_train_run(tmp_path, monkeypatch, model, *flags):
     """The kwargs run.py hands recommender.train, and the metrics it writes from its result."""
-    sys.path.insert(0, str(ROOT))
-    import features
     import recommender
     import run as run_module
 
     tmp_path.mkdir(exist_ok=True)
-    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
     seen, real = {}, recommender.train
 
     def spy(*args, **kwargs):
@@ -256,7 +232,6 @@ def test_recommender_flags_reach_fine_tuning(tmp_path, monkeypatch):
 
 def test_demo_runs_the_three_models_side_by_side(tmp_path, monkeypatch, capsys):
     """The demo (no --data) writes its data under --out and runs MF, LightGCN and MMCPR."""
-    sys.path.insert(0, str(ROOT))
     import features
     import run as run_module
 
@@ -302,10 +277,8 @@ def cold_variant(src, dst, cold_items, seed):
 def test_new_items_pairs_and_features_change_nothing_trained(tmp_path):
     """Rewrite every pair and the features of the new items: pre-training, fine-tuning and the
     warm task must not move at all (no graph edge, negative, L2 term or standardisation sees them)."""
-    sys.path.insert(0, str(ROOT))
-    import features
     a = make_dataset(tmp_path / "a")
-    cold = features.load_mmrec(str(a), cold_items=0.3, split_seed=1, log=lambda s: None)["cold"]
+    cold = dataset.load_mmrec(str(a), cold_items=0.3, split_seed=1, log=lambda s: None)["cold"]
     cold_items = np.r_[cold["valid_items"], cold["test_items"]]
     b = cold_variant(a, tmp_path / "b", cold_items, seed=5)
     out = {}
@@ -328,45 +301,12 @@ def test_new_items_pairs_and_features_change_nothing_trained(tmp_path):
     assert not np.allclose(ia[cold_items], ib[cold_items])  # a new item's h_i is its (new) content's
 
 
-@pytest.mark.parametrize("model", ["mmcpr", "lightgcn"])
-def test_cold_entry_of_metrics(tmp_path, model):
-    data, out = make_dataset(tmp_path / "toy"), tmp_path / "out"
-    p = run("--data", data, "--model", model, "--device", "cpu", "--epochs", "2", "--pretrain-epochs", "1",
-            "--cold-items", "0.25", "--out", out)
-    assert p.returncode == 0, p.stderr
-    m = json.loads((out / "metrics.json").read_text())["cold"]
-    assert len(m["valid_items"]) == 5 and len(m["test_items"]) == 5
-    if model == "lightgcn":
-        assert m["valid"] is m["test"] is None and "cannot rank an item without pairs" in m["note"]
-        assert "cannot rank" in p.stdout
-    else:
-        assert m["note"] is None and m["ridge_grid"][f"{m['ridge']:g}"] == max(m["ridge_grid"].values())
-        assert m["profile_grid"][f"{m['profile_weight']:g}"] == max(m["profile_grid"].values()) == m["valid"]["recall@20"]
-        assert 0 <= m["test"]["recall@20"] <= 1 and "cold-test" in p.stdout
-        assert m["content"] == ["audio", "image"]
-
-
-def test_new_item_head_reads_the_tags_unless_told_not_to(tmp_path):
-    data = make_dataset(tmp_path / "toy")
-    np.save(data / "category_tag.npy", np.eye(40, 6, dtype=np.float32))
-    content = {}
-    for flag in ([], ["--no-tags"]):
-        out = tmp_path / f"out{len(flag)}"
-        p = run("--data", data, "--device", "cpu", "--epochs", "2", "--pretrain-epochs", "1", "--cold-items", "0.25",
-                "--out", out, *flag)
-        assert p.returncode == 0, p.stderr
-        content[len(flag)] = json.loads((out / "metrics.json").read_text())["cold"]["content"]
-    assert content == {0: ["audio", "image", "category tags"], 1: ["audio", "image"]}
-
-
 def test_l2_grid_keeps_the_valid_best_not_the_test_best(tmp_path, monkeypatch):
     """Three values whose valid and test orders disagree: the kept one is valid's best."""
-    sys.path.insert(0, str(ROOT))
-    import features
     import recommender
     import run as run_module
 
-    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
     scores = {1e-3: (0.20, 0.50), 1e-2: (0.30, 0.10), 1e-1: (0.25, 0.40)}  # l2: (valid, test) Recall@20
     calls = []
 
@@ -400,7 +340,7 @@ def test_l2_default_is_the_grid_and_names_the_run(tmp_path):
     assert parse(["--data", "x"]).l2 == recommender.L2_GRID
     assert parse(["--data", "x", "--l2", "1e-3,1e-2,1e-3"]).l2 == (1e-3, 1e-2)
     assert parse([]).l2 is None  # the demo: each model's one tuned value
-    names = {run_module.run_name(parse(["--data", "x", *f]), "toy", "mf") for f in ([], ["--l2", "1e-2"], ["--l2", "1e-2,1e-1"])}
+    names = {runfolder.run_name(parse(["--data", "x", *f]), "toy", "mf") for f in ([], ["--l2", "1e-2"], ["--l2", "1e-2,1e-1"])}
     assert len(names) == 3
     p = run("--data", make_dataset(tmp_path / "toy"), "--l2", "1e-2,x")
     assert p.returncode == 2 and "--l2 must be non-negative numbers" in p.stderr
@@ -409,12 +349,10 @@ def test_l2_default_is_the_grid_and_names_the_run(tmp_path):
 def test_start_best_keeps_the_valid_best_start_and_its_twin_is_the_baseline(tmp_path, monkeypatch):
     """--start best: the random-start twin is the baseline alone, same call and same result, and
     the kept start is the one with the higher valid Recall@20."""
-    sys.path.insert(0, str(ROOT))
-    import features
     import recommender
     import run as run_module
 
-    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
     calls, real = [], recommender.train
 
     def spy(*args, **kwargs):
@@ -441,12 +379,10 @@ def test_start_best_keeps_the_valid_best_start_and_its_twin_is_the_baseline(tmp_
 
 @pytest.mark.parametrize("pretrained_valid,want", [(0.30, "pretrained"), (0.20, "scratch"), (0.25, "pretrained")])
 def test_start_best_reads_valid_not_test(tmp_path, monkeypatch, pretrained_valid, want):
-    sys.path.insert(0, str(ROOT))
-    import features
     import recommender
     import run as run_module
 
-    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
 
     def fake_train(n_users, n_items, *args, l2, user_init=None, **kwargs):
         v, t = (pretrained_valid, 0.1) if user_init is not None else (0.25, 0.9)  # test always prefers scratch
@@ -464,51 +400,3 @@ def test_start_best_reads_valid_not_test(tmp_path, monkeypatch, pretrained_valid
     assert run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))["start"] == "pretrained"
 
 
-def test_start_best_picks_the_new_items_start_on_cold_valid(tmp_path):
-    """The cold task weighs both starts' heads on cold-valid; the pre-trained one is the same
-    head as without --start best."""
-    data, m = make_dataset(tmp_path / "toy"), {}
-    for flag in ("pretrained", "best"):
-        out = tmp_path / flag
-        p = run("--data", data, "--device", "cpu", "--epochs", "3", "--pretrain-epochs", "2", "--cold-items", "0.25",
-                "--start", flag, "--out", out)
-        assert p.returncode == 0, p.stderr
-        m[flag] = json.loads((out / "metrics.json").read_text())["cold"]
-    a, b = m["pretrained"], m["best"]
-    assert a["start_grid"] == {"pretrained": a["valid"]["recall@20"]}
-    assert b["start_grid"]["pretrained"] == a["valid"]["recall@20"] and set(b["start_grid"]) == {"pretrained", "scratch"}
-    assert b["start"] == max(b["start_grid"], key=b["start_grid"].get)
-    assert b["valid"]["recall@20"] == b["start_grid"][b["start"]]
-    p = run("--data", data, "--model", "lightgcn", "--start", "best")
-    assert p.returncode == 2 and "--model lightgcn has no pre-trained start" in p.stderr
-
-
-@pytest.mark.parametrize("cold_valid,want", [({1.0: 0.4, 2.0: 0.3}, "pretrained"), ({1.0: 0.3, 2.0: 0.4}, "scratch"),
-                                             ({1.0: 0.4, 2.0: 0.4}, "pretrained")])
-def test_new_items_start_is_chosen_on_cold_valid_alone(tmp_path, monkeypatch, cold_valid, want):
-    """Warm valid prefers the pre-trained start here; the cold task still keeps its own best."""
-    sys.path.insert(0, str(ROOT))
-    import features
-    import recommender
-    import run as run_module
-
-    data = features.load_mmrec(str(make_dataset(tmp_path / "toy")), cold_items=0.25, log=lambda s: None)
-
-    def fake_train(n_users, n_items, *args, user_init=None, **kwargs):
-        v, e = (0.3, 1.0) if user_init is not None else (0.2, 2.0)  # item_emb marks the start
-        return dict(best_epoch=1, valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": v, "ndcg@20": v},
-                    scale=None, user_emb=np.ones((n_users, 4), np.float32), item_emb=np.full((n_items, 4), e, np.float32),
-                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
-
-    def fake_head(X, item_emb, *args, **kwargs):
-        e = float(item_emb[0, 0])
-        return dict(W=torch.full((X.shape[1], 4), e, dtype=torch.float64), profile=torch.ones(data["n_users"], X.shape[1] - 1),
-                    sd_head=1.0, sd_prof=1.0, ridge=e, beta=0.0, ridge_grid={e: cold_valid[e]}, beta_grid={0.0: cold_valid[e]})
-
-    monkeypatch.setattr(recommender, "train", fake_train)
-    monkeypatch.setattr(recommender, "fit_content_head", fake_head)
-    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
-                                  "--cold-items", "0.25", "--start", "best"])
-    m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))
-    assert m["start"] == "pretrained"
-    assert m["cold"]["start"] == want and m["cold"]["ridge"] == {"pretrained": 1.0, "scratch": 2.0}[want]

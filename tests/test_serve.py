@@ -1,42 +1,21 @@
-"""What a run delivers (model.npz, recommendations.tsv) and new items served from it (run.py --serve)."""
+"""Serving a finished run (serve.py, run.py --serve): new items ranked from their content,
+the run's own ids, and bad input."""
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from helpers import load, make_dataset, read_tsv, run
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import data as dataset  # noqa: E402  (helpers puts the root on sys.path)
 import features  # noqa: E402
-import recommender  # noqa: E402
-import serve  # noqa: E402
-from test_run import make_dataset  # noqa: E402
+import newitems  # noqa: E402
 
 TRAIN = ["--device", "cpu", "--epochs", "4", "--pretrain-epochs", "2", "--l2", "1e-2", "--batch", "256",
          "--pretrain-batch", "256"]
-
-
-def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-
-
-def load(out):
-    with np.load(out / "model.npz", allow_pickle=False) as z:
-        return json.loads((out / "metrics.json").read_text()), dict(z)
-
-
-def read_tsv(path):
-    lines = path.read_text().splitlines()
-    assert lines[0] == "user\titem\trank\tscore"
-    rows = [line.split("\t") for line in lines[1:]]
-    return [(u, i, int(r), float(s)) for u, i, r, s in rows]
 
 
 def recall_at(k, rows, pairs):
@@ -49,46 +28,6 @@ def recall_at(k, rows, pairs):
     for u, i in pairs:
         relevant.setdefault(u, set()).add(i)
     return np.mean([len(items & top.get(u, set())) / len(items) for u, items in relevant.items()])
-
-
-@pytest.mark.parametrize("model,extra", [("mf", []), ("lightgcn", []), ("mmcpr", []), ("mmcpr", ["--cold-items", "0.25"])])
-def test_model_npz_reproduces_the_metrics_exactly(tmp_path, model, extra):
-    """valid and test recomputed from model.npz, each user's training items masked, equal metrics.json's."""
-    data, out = make_dataset(tmp_path / "toy"), tmp_path / "out"
-    p = run("--data", data, "--model", model, "--out", out, *TRAIN, *extra)
-    assert p.returncode == 0, p.stderr
-    m, z = load(out)
-    d = features.load_mmrec(str(data), cold_items=0.25 if extra else 0.0, log=lambda s: None)
-    assert z["user_emb"].shape == (60, 64) and z["item_emb"].dtype == np.float32
-    assert z["user_ids"].tolist() == [str(u) for u in range(60)] and z["item_ids"].tolist() == [str(i) for i in range(40)]
-    for split in ("valid", "test"):
-        ev = recommender.Evaluator(40, d["train"], d[split], m["args"]["topk"], candidates=z["ranked_items"])
-        assert ev.evaluate(torch.from_numpy(z["user_emb"]), torch.from_numpy(z["item_emb"])) == m[split]
-    assert ("head_W" in z) == (model == "mmcpr") and (model == "mmcpr") == os.path.exists(out / "pretrained.npz")
-    if extra:
-        assert len(z["ranked_items"]) == 40 - len(m["cold"]["valid_items"]) - len(m["cold"]["test_items"])
-    elif model == "mmcpr":  # no cold split: the head's settings were chosen on pseudo-new items
-        assert m["head"]["chosen_on"].startswith("pseudo-new items") and float(z["head_ridge"]) == m["head"]["ridge"]
-
-
-def test_recommendations_are_each_users_unseen_top_k(tmp_path):
-    data, out = make_dataset(tmp_path / "toy"), tmp_path / "out"
-    p = run("--data", data, "--model", "lightgcn", "--out", out, "--recommend-k", "5", *TRAIN)
-    assert p.returncode == 0, p.stderr
-    _, z = load(out)
-    rows = read_tsv(out / "recommendations.tsv")
-    d = features.load_mmrec(str(data), log=lambda s: None)
-    known = {(str(u), str(i)) for s in ("train", "valid", "test") for u, i in zip(*d[s])}
-    assert not known & {(u, i) for u, i, _, _ in rows}
-    assert len(rows) == 5 * 60 and [r for _, _, r, _ in rows] == [1, 2, 3, 4, 5] * 60
-    scores = z["user_emb"] @ z["item_emb"].T  # [U, I], the brute force
-    for u, i, _, s in rows:
-        assert s == pytest.approx(scores[int(u), int(i)], rel=1e-5)
-    for u in range(60):
-        unseen = [i for i in range(40) if (str(u), str(i)) not in known]
-        best = sorted(unseen, key=lambda i: -scores[u, i])[:5]
-        got = [i for v, i, _, _ in rows if v == str(u)]
-        assert [scores[u, int(i)] for i in got] == pytest.approx([scores[u, i] for i in best], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +58,7 @@ def test_ids_round_trip_from_raw_ids_to_rows_and_back(raw_run):
     data, out, _, _ = raw_run
     _, z = load(out)
     pairs = {(r["user"], r["item"]) for r in map(json.loads, (data / "reviews.jsonl").read_text().splitlines())}
-    d = features.load_mmrec(str(data), log=lambda s: None)
+    d = dataset.load_mmrec(str(data), log=lambda s: None)
     back = {(z["user_ids"][u], z["item_ids"][i]) for s in ("train", "valid", "test") for u, i in zip(*d[s])}
     assert back <= pairs and len(back) >= 0.9 * len(pairs)  # users without a training pair leave valid/test
     assert z["item_ids"].tolist() == sorted(f"i{k}" for k in range(120))
@@ -135,7 +74,7 @@ def test_serving_new_items_from_raw_files_reproduces_the_cold_test_recall(raw_ru
     p = run("--serve", out, "--new-items", new, "--device", "cpu")
     assert p.returncode == 0, p.stderr
     served = out / "new-new"
-    d = features.load_mmrec(str(data), cold_items=0.4, log=lambda s: None)
+    d = dataset.load_mmrec(str(data), cold_items=0.4, log=lambda s: None)
     pairs = [(z["user_ids"][u], z["item_ids"][i]) for u, i in zip(*d["cold"]["test"])]
     rows = read_tsv(served / "recommendations.tsv")
     assert {i for _, i, _, _ in rows} <= set(cold_test) and len(rows) == 20 * len(z["ranked_users"])
@@ -144,7 +83,7 @@ def test_serving_new_items_from_raw_files_reproduces_the_cold_test_recall(raw_ru
     with np.load(served / "new_items.npz", allow_pickle=False) as n:
         assert sorted(n["item_ids"].tolist()) == sorted(cold_test)
         assert n["item_vec"].shape == (len(cold_test), 64 + z["head_profile"].shape[1])
-        users = recommender.head_users(dict(profile=z["head_profile"], sd_head=z["head_sd_head"],
+        users = newitems.head_users(dict(profile=z["head_profile"], sd_head=z["head_sd_head"],
                                             sd_prof=z["head_sd_prof"], beta=z["head_beta"]), torch.from_numpy(z["head_user_emb"]))
         rows = {(u, i): s for u, i, _, s in rows}  # the served scores are the head's users against item_vec
         user_row, item_row = {u: k for k, u in enumerate(z["user_ids"])}, {i: k for k, i in enumerate(n["item_ids"])}
@@ -164,7 +103,7 @@ def test_serving_feature_rows_matches_the_runs_own_head(tmp_path):
     p = run("--serve", out, "--new-items", new, "--out", tmp_path / "served", "--recommend-k", "2")
     assert p.returncode == 0, p.stderr
     feats = {m: np.load(data / f"{m}_feat.npy") for m in z["head_blocks"]}
-    own = recommender.head_items(recommender.content_matrix(feats, serve.head_stats(z)), z["head_W"])[[3, 7]]
+    own = newitems.head_items(newitems.content_matrix(feats, newitems.head_stats(z)), z["head_W"])[[3, 7]]
     with np.load(tmp_path / "served" / "new_items.npz", allow_pickle=False) as n:
         np.testing.assert_array_equal(n["item_vec"], own.numpy())
     assert len(read_tsv(tmp_path / "served" / "recommendations.tsv")) == 2 * 60

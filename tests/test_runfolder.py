@@ -1,113 +1,24 @@
-"""An interrupted run resumes to the result of an uninterrupted one: the checkpoints of
-mmcpr.pretrain and recommender.train, run.py's progress folder, and real signals to run.py."""
-import itertools
+"""The run folder (runfolder.py): what a run delivers (model.npz reproduces the metrics, each
+user's unseen top K), and an interrupted run resumed from its progress/ to the result of an
+uninterrupted one, real signals to run.py included."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import features  # noqa: E402
-import mmcpr  # noqa: E402
+from helpers import ROOT, load, make_dataset, quiet, read_tsv, run, stop_once
+import data as dataset  # noqa: E402  (helpers puts the root on sys.path)
 import recommender  # noqa: E402
 import run as run_module  # noqa: E402
-from test_run import make_dataset  # noqa: E402
 
-quiet = lambda s: None  # noqa: E731
-
-
-class Killed(Exception):
-    """Stands in for SIGKILL: the process ends at once, no checkpoint written."""
-
-
-def stop_once(ready=lambda: True, after=0, kill=False):
-    """A stop() for the modules and run.run: True (or, kill: raise Killed) from the `after`-th
-    call after the first at which ready() holds. The modules ask it at the end of every epoch,
-    run.run once before each unit (the pre-training, each fine-tuning)."""
-    calls = itertools.count()
-
-    def stop():
-        if ready() and next(calls) >= after:
-            if kill:
-                raise Killed
-            return True
-        return False
-    return stop
-
-
-def assert_same(got, want, timing=("epoch_seconds", "eval_seconds")):
-    assert got.keys() == want.keys()
-    for k in want.keys() - set(timing):
-        if isinstance(want[k], np.ndarray):
-            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-        else:
-            assert got[k] == want[k], k
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    folder = make_dataset(tmp_path_factory.mktemp("resume") / "toy")
-    return folder, features.load_mmrec(str(folder), log=quiet)
-
-
-@pytest.mark.parametrize("model", ["mf", "lightgcn"])
-def test_fine_tuning_stopped_then_killed_ends_as_an_uninterrupted_one(toy, tmp_path, model):
-    d = toy[1]
-    rng = np.random.default_rng(1)
-    pos = (d["n_users"], d["n_items"], d["train"], d["valid"], d["test"])
-    # from a given start, rescaled (fit_scale) before epoch 1: a resumed training must not redo that
-    kw = dict(model=model, epochs=12, patience=12, batch=64, lr=1e-2, l2=1e-3, ks=(20,), log=quiet,
-              user_init=rng.standard_normal((d["n_users"], 8)), item_init=rng.standard_normal((d["n_items"], 8)))
-    want = recommender.train(*pos, **kw)
-    ck = str(tmp_path / "ck.pt")
-    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 3: checkpoint written
-        recommender.train(*pos, **kw, checkpoint=ck, checkpoint_every=float("inf"), stop=stop_once(after=2))
-    with pytest.raises(Killed):  # every epoch checkpointed, killed after epoch 7 before its checkpoint
-        recommender.train(*pos, **kw, checkpoint=ck, checkpoint_every=0, stop=stop_once(after=3, kill=True))
-    assert recommender.load_checkpoint(ck)["epoch"] == 6
-    assert_same(recommender.train(*pos, **kw, checkpoint=ck), want)
-
-
-def test_pretraining_stopped_then_killed_ends_as_an_uninterrupted_one(toy, tmp_path):
-    """Modality and ID dropout draw from torch's RNG: its state is in the checkpoint too."""
-    d = toy[1]
-    R = sp.csr_matrix((np.ones(len(d["train"][0])), d["train"]), shape=(d["n_users"], d["n_items"]))
-    kw = dict(epochs=6, batch=64, dim=16, modality_dropout=0.3, id_dropout=0.2, log=quiet)
-    want = mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw)
-    ck = str(tmp_path / "ck.pt")
-    with pytest.raises(KeyboardInterrupt):
-        mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw, checkpoint=ck, stop=stop_once(after=1))
-    with pytest.raises(Killed):
-        mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw, checkpoint=ck, checkpoint_every=0,
-                       stop=stop_once(after=2, kill=True))
-    assert mmcpr.load_checkpoint(ck)["epoch"] == 4
-    assert_same(mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw, checkpoint=ck), want,
-                timing=("epoch_seconds", "graph_seconds"))
-
-
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_an_unreadable_checkpoint_is_one_line_and_a_fresh_start(toy, tmp_path, damage):
-    d = toy[1]
-    pos = (d["n_users"], d["n_items"], d["train"], d["valid"], d["test"])
-    kw = dict(model="lightgcn", epochs=6, patience=6, ks=(20,), log=quiet)
-    want = recommender.train(*pos, **kw)
-    ck = tmp_path / "ck.pt"
-    with pytest.raises(KeyboardInterrupt):
-        recommender.train(*pos, **kw, checkpoint=str(ck), stop=stop_once(after=2))
-    data = ck.read_bytes()
-    ck.write_bytes(data[:len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
-    lines = []
-    assert_same(recommender.train(*pos, **{**kw, "log": lines.append}, checkpoint=str(ck)), want)
-    assert len([line for line in lines if "unreadable" in line]) == 1
-    assert not any("resumed" in line for line in lines)
+TRAIN = ["--device", "cpu", "--epochs", "4", "--pretrain-epochs", "2", "--l2", "1e-2", "--batch", "256",
+         "--pretrain-batch", "256"]
 
 
 # run.py: pre-training, a grid of two L2 values, the --start best twin, the new items' heads
@@ -130,7 +41,7 @@ def reference(toy, tmp_path_factory):
     """(args, data, uninterrupted metrics.json less timings) of the FLAGS run on the toy data."""
     folder = toy[0]
     args = run_module.parse_args(["--data", str(folder), *FLAGS])
-    data = features.load_mmrec(str(folder), cold_items=0.25, log=quiet)
+    data = dataset.load_mmrec(str(folder), cold_items=0.25, log=quiet)
     out = tmp_path_factory.mktemp("reference")
     run_module.run(args, data, "mmcpr", 0.0, str(out))
     return args, data, comparable(out)
@@ -219,3 +130,43 @@ def test_a_signal_in_a_fine_tuning_stops_the_run_and_the_same_command_resumes(to
     assert q.stdout.count("resuming the run") == 1 and "lightgcn: resumed from" in q.stdout
     assert run_module.main([*argv, "--out", str(tmp_path / "reference")]) == 0
     assert comparable(out) == comparable(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("model,extra", [("mf", []), ("lightgcn", []), ("mmcpr", []), ("mmcpr", ["--cold-items", "0.25"])])
+def test_model_npz_reproduces_the_metrics_exactly(tmp_path, model, extra):
+    """valid and test recomputed from model.npz, each user's training items masked, equal metrics.json's."""
+    data, out = make_dataset(tmp_path / "toy"), tmp_path / "out"
+    p = run("--data", data, "--model", model, "--out", out, *TRAIN, *extra)
+    assert p.returncode == 0, p.stderr
+    m, z = load(out)
+    d = dataset.load_mmrec(str(data), cold_items=0.25 if extra else 0.0, log=lambda s: None)
+    assert z["user_emb"].shape == (60, 64) and z["item_emb"].dtype == np.float32
+    assert z["user_ids"].tolist() == [str(u) for u in range(60)] and z["item_ids"].tolist() == [str(i) for i in range(40)]
+    for split in ("valid", "test"):
+        ev = recommender.Evaluator(40, d["train"], d[split], m["args"]["topk"], candidates=z["ranked_items"])
+        assert ev.evaluate(torch.from_numpy(z["user_emb"]), torch.from_numpy(z["item_emb"])) == m[split]
+    assert ("head_W" in z) == (model == "mmcpr") and (model == "mmcpr") == os.path.exists(out / "pretrained.npz")
+    if extra:
+        assert len(z["ranked_items"]) == 40 - len(m["cold"]["valid_items"]) - len(m["cold"]["test_items"])
+    elif model == "mmcpr":  # no cold split: the head's settings were chosen on pseudo-new items
+        assert m["head"]["chosen_on"].startswith("pseudo-new items") and float(z["head_ridge"]) == m["head"]["ridge"]
+
+
+def test_recommendations_are_each_users_unseen_top_k(tmp_path):
+    data, out = make_dataset(tmp_path / "toy"), tmp_path / "out"
+    p = run("--data", data, "--model", "lightgcn", "--out", out, "--recommend-k", "5", *TRAIN)
+    assert p.returncode == 0, p.stderr
+    _, z = load(out)
+    rows = read_tsv(out / "recommendations.tsv")
+    d = dataset.load_mmrec(str(data), log=lambda s: None)
+    known = {(str(u), str(i)) for s in ("train", "valid", "test") for u, i in zip(*d[s])}
+    assert not known & {(u, i) for u, i, _, _ in rows}
+    assert len(rows) == 5 * 60 and [r for _, _, r, _ in rows] == [1, 2, 3, 4, 5] * 60
+    scores = z["user_emb"] @ z["item_emb"].T  # [U, I], the brute force
+    for u, i, _, s in rows:
+        assert s == pytest.approx(scores[int(u), int(i)], rel=1e-5)
+    for u in range(60):
+        unseen = [i for i in range(40) if (str(u), str(i)) not in known]
+        best = sorted(unseen, key=lambda i: -scores[u, i])[:5]
+        got = [i for v, i, _, _ in rows if v == str(u)]
+        assert [scores[u, int(i)] for i in got] == pytest.approx([scores[u, i] for i in best], rel=1e-5)
