@@ -54,11 +54,16 @@ def read_inter(path):
     if len(raw) == 0:
         raise DataError(f"{name}: no interactions")
     for j, col in enumerate(("userID", "itemID", "x_label")):
-        v = raw[:, j]
-        bad = ~np.isfinite(v) | (v != np.round(v)) | (v < 0)
+        v = raw[:, j]  # float64 holds every integer below 2**53 exactly; above, two ids could merge
+        bad = ~np.isfinite(v) | (v != np.round(v)) | (v < 0) | (v >= 2 ** 53)
         if bad.any():
             row = int(np.argmax(bad))
-            raise DataError(f"{name}: {col} must be a non-negative integer, got {v[row]!r} on data row {row + 1}")
+            raise DataError(f"{name}: {col} must be a non-negative integer below 2**53, got {v[row]!r} on data "
+                            f"row {row + 1}")
+        n = len(np.unique(v))
+        if j < 2 and v.max() >= 2 * n + 10_000:  # a row per id up to the largest: ids far apart cost memory
+            raise DataError(f"{name}: {col} runs to {int(v.max())} for {n} distinct ids; the MMRec layout numbers "
+                            "them from 0 (renumber them, or give the raw files to convert)")
     users, items, split = raw.T.astype(np.int64)
     if not np.isin(split, (0, 1, 2)).all():
         raise DataError(f"{name}: x_label must be 0, 1 or 2, got {sorted(set(split.tolist()) - {0, 1, 2})}")
@@ -104,6 +109,10 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
 
     user_ids, item_ids: str arrays, a row's own id in the dataset: the .inter's
     numbers (a converted raw folder's own ids: features.raw_ids).
+
+    catalogue: the sorted item ids with a pair in any split, the items of the
+    dataset; an id below n_items that no split has (item 0 where ids start at 1)
+    is none, and notes (a list of lines) says how many there are.
     """
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder")
@@ -131,7 +140,11 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
         raise DataError(f"{name}: pair (user {u}, item {i}) appears in more than one split")
 
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
-    order = np.random.default_rng(split_seed).permutation(np.unique(items))  # items with any pair
+    catalogue = np.unique(items)  # the items of the dataset: an id that no split has is none
+    absent = np.setdiff1d(np.arange(n_items), catalogue)
+    notes = [f"{len(absent)} item ids below {n_items} appear in no split (such as {absent[0]}): no item of the "
+             "dataset, never ranked, drawn as a negative or recommended"] if len(absent) else []
+    order = np.random.default_rng(split_seed).permutation(catalogue)
     c = round(cold_items * len(order))
     if cold_items and c < 2:
         raise DataError(f"{name}: --cold-items {cold_items} makes {c} of {len(order)} items new; "
@@ -165,10 +178,16 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
         modality = os.path.basename(p)[: -len("_feat.npy")]
         if not re.fullmatch(r"[A-Za-z0-9_]+", modality):  # modalities name torch module-dict keys
             raise DataError(f"{os.path.basename(p)}: modality names may use letters, digits and _ only")
+        if modality == "graph":
+            raise DataError(f"{os.path.basename(p)}: 'graph' names the ID modality (a node's place in its graph); "
+                            "rename the file")
+        x = read_feat(p, n_users if modality == "review" else n_items, "users" if modality == "review" else "items")
+        if x.shape[1] == 0:
+            raise DataError(f"{os.path.basename(p)}: no columns: a modality needs at least one")
         if modality == "review":
-            user_feat = read_feat(p, n_users, "users")
+            user_feat = x
         else:
-            item_feats[modality] = read_feat(p, n_items, "items")
+            item_feats[modality] = x
     item_tags = {os.path.basename(p)[: -len("_tag.npy")]: read_feat(p, n_items, "items")
                  for p in sorted(glob.glob(os.path.join(folder, "*_tag.npy")))}
     item_tags = {b: x for b, x in item_tags.items() if x.shape[1]}
@@ -179,8 +198,9 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
         + (f"; item tags: {', '.join(item_tags)}" if item_tags else "")
         + (f"; {n_cold} users with held-out items but no training items are left out of evaluation" if n_cold else "")
         + (f"; new items (split seed {split_seed}): {len(cold_sets[0])} cold-valid, {len(cold_sets[1])} cold-test, "
-           f"their {int(new.sum())} pairs out of training" if cold_items else ""))
+           f"their {int(new.sum())} pairs out of training" if cold_items else "")
+        + "".join(f"; note: {n}" for n in notes))
     return dict(name=os.path.splitext(name)[0], n_users=n_users, n_items=n_items, **parts,
                 item_feats=item_feats, user_feat=user_feat, item_tags=item_tags,
                 user_ids=np.arange(n_users).astype(str), item_ids=np.arange(n_items).astype(str), n_cold=n_cold,
-                cold=cold)
+                cold=cold, catalogue=catalogue, notes=notes)

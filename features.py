@@ -125,7 +125,19 @@ def _read_reviews(path):
     if not rows:
         raise DataError(f"{name}: no reviews")
     u, i, text, r, t = zip(*rows)
-    return np.array(u), np.array(i), np.array(text, dtype=object), np.array(r), np.array(t)
+    u, i = np.array(u), np.array(i)
+    check_ids(name, u, "user")
+    check_ids(name, i, "item")
+    return u, i, np.array(text, dtype=object), np.array(r), np.array(t)
+
+
+def check_ids(name, ids, what):
+    """DataError for an id holding a tab, newline or carriage return: the id maps and
+    recommendations.tsv separate fields and rows by them. ids: str array."""
+    bad = np.flatnonzero(sum(np.char.find(ids, c) >= 0 for c in "\t\n\r"))
+    if len(bad):
+        raise DataError(f"{name}: {what} id {str(ids[bad[0]])!r} holds a tab, newline or carriage return, which "
+                        "would break the tab-separated files ids are written to")
 
 
 def _flat(v):
@@ -699,6 +711,7 @@ def read_new_items(folder, modalities, tags, encoders, fill, known=(), *, device
 def _check_new_ids(name, ids, known):
     if not len(ids):
         raise DataError(f"{name}: no new items")
+    check_ids(name, ids, "item")
     uniq, count = np.unique(ids, return_counts=True)
     if (count > 1).any():
         raise DataError(f"{name}: item {uniq[count > 1][0]} appears twice")

@@ -119,7 +119,8 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
     (README, New items). `trained`: {start: train()'s result}, the fine-tuned models it may serve
     from (--start best: the pre-trained start's and the random start's, "scratch").
     Its settings (ridge, profile weight, start) are chosen on cold-valid Recall@20 with
-    --cold-items. Without, a catalogue still gets new items tomorrow, so they are chosen on
+    --cold-items, and a tag is a column only where two or more trained items carry it (the
+    conversion counts every item, new ones too). Without, a catalogue still gets new items tomorrow, so they are chosen on
     pseudo-new items: a share `holdout` of the trained items, drawn by split_seed, whose training
     pairs become the targets and leave the head's fit and the users' profiles; the head is then
     refitted on every trained item with the settings chosen. Test is never read.
@@ -133,9 +134,17 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
             entry["note"] = (f"{model} alone cannot rank an item without pairs" if model != "mmcpr"
                              else "no item content modality: a new item has nothing to be ranked by")
         return entry, {}
-    tag_blocks = {f"{b} tags": x for b, x in data["item_tags"].items()} if tags else {}
-    blocks = {**item_feats, **tag_blocks}  # tags: a block each, as a modality
     fit_items, train = np.unique(data["train"][1]), data["train"]  # the items with a trained embedding
+    item_tags = data["item_tags"] if tags else {}
+    names = {b: data["item_tag_names"].get(b) for b in item_tags}
+    if c and item_tags:  # a tag is a column where two trained items carry it: new items shape no vocabulary
+        keep = {b: (x[fit_items] > 0).sum(0) >= 2 for b, x in item_tags.items()}
+        if not all(k.all() for k in keep.values()):
+            print(f"new items: {sum(int((~k).sum()) for k in keep.values())} tag columns that fewer than two trained "
+                  "items carry are left out")
+        item_tags = {b: x if keep[b].all() else x[:, keep[b]] for b, x in item_tags.items() if keep[b].any()}
+        names = {b: n and [t for t, k in zip(n, keep[b]) if k] for b, n in names.items() if b in item_tags}
+    blocks = {**item_feats, **{f"{b} tags": x for b, x in item_tags.items()}}  # tags: a block each, as a modality
     evaluator = lambda train, target, items: recommender.Evaluator(data["n_items"], train, target, ks, device=device,
                                                                    candidates=items)
     if c:
@@ -149,6 +158,11 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
         ev = dict(valid=evaluator(train, (data["train"][0][new], data["train"][1][new]), held))
         entry = dict(chosen_on=f"pseudo-new items: {len(held)} of the trained items, their {int(new.sum())} "
                                "training pairs the targets")
+    n_new = len(c["valid_items"]) if c else len(held)
+    if n_new <= 20:  # each of them ranks within the top 20 of so few, whatever the setting
+        entry["warning"] = (f"the head's settings were chosen on {n_new} new items, which every setting ranks within "
+                            "the top 20: Recall@20 chooses nothing, and each grid's first value is kept")
+        print(f"new items: {entry['warning']}")
     user_emb = {s: torch.as_tensor(r["user_emb"], device=device) for s, r in trained.items()}
     stats = content_stats(blocks, fit_items)
     X = content_matrix(blocks, stats).to(device)
@@ -170,7 +184,6 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
         stats = content_stats(blocks, fit_items)
         head = fit_content_head(content_matrix(blocks, stats), trained[start]["item_emb"],
                                             fit_items, user_emb[start], train, None, (head["ridge"],), (head["beta"],))
-    names = {b: data["item_tag_names"].get(b) for b in (data["item_tags"] if tags else [])}
     return entry, head_arrays(head, stats, blocks, trained[start]["user_emb"], names, data.get("encoders")) | dict(
         head_start=np.array(start))
 

@@ -335,7 +335,7 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     negatives and ranked; new items (the cold-start split) are left out.
     Returns dict(best_epoch, valid, test, scale (of the start, or None),
     user_emb, item_emb (the final embeddings that scored), epoch_seconds,
-    eval_seconds, history).
+    eval_seconds (this call's: a resumed training counts its own), history).
 
     checkpoint (a file path): resume from it where it exists and is readable,
     and write it (save_checkpoint) at the end of an epoch once checkpoint_every
@@ -399,7 +399,6 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         torch.set_rng_state(state["torch_rng"])
         done, scale, best, best_epoch, history = (state[k] for k in ("epoch", "scale", "best", "best_epoch", "history"))
         best_state = state["best_state"].to(device)
-        epoch_seconds, eval_seconds = state["epoch_seconds"], state["eval_seconds"]
         log(f"{model}: resumed from {checkpoint} after epoch {done} (best so far: epoch {best_epoch})")
     saved = time.perf_counter()
     for epoch in range(done + 1, epochs + 1):
@@ -431,7 +430,7 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
             save_checkpoint(checkpoint, dict(
                 epoch=epoch, ego=net.ego.detach().cpu(), opt=opt.state_dict(), rng=rng.bit_generator.state,
                 torch_rng=torch.get_rng_state(), scale=scale, best=best, best_epoch=best_epoch, history=history,
-                best_state=best_state.cpu(), epoch_seconds=epoch_seconds, eval_seconds=eval_seconds))
+                best_state=best_state.cpu()))
             saved = time.perf_counter()
         if stopping:
             raise KeyboardInterrupt(f"{model}: stopped after epoch {epoch}")

@@ -180,10 +180,11 @@ def parse_args(argv=None):
     return args
 
 
-
 def inputs(args, data, model):
     """(item content {modality: [I, f]}, user reviews [U, f] or None, the warm items or None): what
-    the run trains on, after --modalities, --no-reviews and --cold-items. Checked before training."""
+    the run trains on, after --modalities, --no-reviews and --cold-items. The warm items are the
+    catalogue known at training time, the only ones drawn as negatives and ranked: every item less
+    the new ones and the ids that no split has (None: every item). Checked before training."""
     item_feats, user_feat = data["item_feats"], None if args.no_reviews else data["user_feat"]
     if model == "mmcpr" and data["cold"] and user_feat is not None:  # it pools reviews of new items too
         print("note: --cold-items ignores review_feat.npy: it was built from training reviews that include the "
@@ -197,7 +198,8 @@ def inputs(args, data, model):
                             f"(has: {', '.join(item_feats) or 'none'})")
         item_feats = {m: item_feats[m] for m in wanted}
     c = data["cold"]  # new items: no negatives, not ranked in the warm task, their ID masked in pre-training
-    warm = None if c is None else np.setdiff1d(np.arange(data["n_items"]), np.r_[c["valid_items"], c["test_items"]])
+    warm = data["catalogue"] if c is None else np.setdiff1d(data["catalogue"], np.r_[c["valid_items"], c["test_items"]])
+    warm = None if len(warm) == data["n_items"] else warm
     n_pool = data["n_items"] if warm is None else len(warm)  # the items a negative is drawn from
     full = np.flatnonzero(np.bincount(data["train"][0], minlength=data["n_users"]) >= n_pool)
     if len(full):  # training pairs are unique, so this user has every item: no negative to sample
@@ -206,9 +208,9 @@ def inputs(args, data, model):
     return item_feats, user_feat, warm
 
 
-def pretrain(args, data, item_feats, user_feat, prog, stop, timings):
-    """MMCPR's pre-training on the training pairs (mmcpr.pretrain), a resumable unit of the run."""
-    c = data["cold"]
+def pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings):
+    """MMCPR's pre-training on the training pairs (mmcpr.pretrain), a resumable unit of the run. The
+    items outside the warm catalogue are its new items: no trained ID, never a negative."""
     u, i = data["train"]
     R = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(data["n_users"], data["n_items"]))
 
@@ -219,7 +221,7 @@ def pretrain(args, data, item_feats, user_feat, prog, stop, timings):
                              align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
                              tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
                              modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
-                             new_items=None if c is None else np.r_[c["valid_items"], c["test_items"]],
+                             new_items=None if warm is None else np.setdiff1d(np.arange(data["n_items"]), warm),
                              user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
                              align=not args.no_align, standardize=not args.no_standardize,
                              device=args.device, seed=args.seed, log=print,
@@ -295,8 +297,8 @@ def run(args, data, model, load_seconds, out, stop=None):
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
     downstream = args.recommender if model == "mmcpr" else model
     item_feats, user_feat, warm = inputs(args, data, model)
-    prog = runfolder.open_progress(args, model, out)
-    pre = pretrain(args, data, item_feats, user_feat, prog, stop, timings) if model == "mmcpr" else {}
+    prog = runfolder.open_progress(args, model, out, trained_on(data))
+    pre = pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings) if model == "mmcpr" else {}
 
     t = time.perf_counter()
     trained, chosen = fine_tune(args, data, downstream, pre, warm, prog, stop, timings)
@@ -331,7 +333,7 @@ def run(args, data, model, load_seconds, out, stop=None):
         n_users=data["n_users"], n_items=data["n_items"],
         **{f"n_{s}": len(data[s][0]) for s in ("train", "valid", "test")}, n_cold_users=data["n_cold"],
         modalities={side: list(w) for side, w in pre.get("modality_weights", dict(user={}, item={})).items()},
-        modality_weights=pre.get("modality_weights"), notes=pre.get("notes", []),
+        modality_weights=pre.get("modality_weights"), notes=data["notes"] + pre.get("notes", []),
         cold=head_entry if data["cold"] else None, head=None if data["cold"] else head_entry,
         history=res["history"], args=vars(args) | dict(model=model),
     )
@@ -357,6 +359,19 @@ def report(metrics, out):
         print(f"cold-{s}".ljust(10) + "".join(f"{cold[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
     if cold and cold["note"]:
         print(f"new items: {cold['note']}")
+
+
+def trained_on(data):
+    """runfolder.digest of the data a run reads: the pairs of every split, each feature and tag
+    array, the ids, and the precision the features were encoded in. A resumed run must find
+    the same, or it would mix units trained on other data into one result."""
+    arrays = {s: data[s] for s in ("train", "valid", "test")}
+    arrays |= {f"{m}_feat.npy": x for m, x in data["item_feats"].items()}
+    arrays |= {f"{b}_tag.npy": x for b, x in data["item_tags"].items()}
+    if data["user_feat"] is not None:
+        arrays["review_feat.npy"] = data["user_feat"]
+    arrays["ids"] = (data["user_ids"], data["item_ids"])
+    return runfolder.digest(arrays) | dict(precision=(data.get("encoders") or {}).get("precision"))
 
 
 def load(args, folder):
@@ -424,19 +439,20 @@ def main(argv=None):
         for m in models:  # --out names the folder of a single run; the demo puts its runs under it
             name = runfolder.run_name(args, data["name"], m)
             out = args.out if args.out and args.data else os.path.join(args.out or "runs", name)
-            results[m] = run(args, data, m, load_seconds, out, stop=lambda: bool(signals))
+            with runfolder.locked(out):  # one run per folder
+                try:
+                    results[m] = run(args, data, m, load_seconds, out, stop=lambda: bool(signals))
+                except FloatingPointError:  # diverged: the same command would diverge again
+                    runfolder.discard_progress(out)
+                    raise
     except KeyboardInterrupt:  # from stop(): the checkpoint is written
         signum = signals[0] if signals else signal.SIGINT
         command = shlex.join(["python", "run.py", *(sys.argv[1:] if argv is None else argv)])
         print(f"stopped by {signal.Signals(signum).name}: progress kept in {os.path.join(out, 'progress')}/; "
               f"to resume, run the same command: {command}", file=sys.stderr)
         return 128 + signum
-    except FileExistsError as e:  # another run's progress: left as it is
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, FloatingPointError, PermissionError) as e:
-        runfolder.discard_progress(out)  # the same command would fail the same way
-        print(f"error: {e}", file=sys.stderr)
+    except (FileExistsError, runfolder.WriteError, DataError, FloatingPointError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)  # a folder in use or not ours is left as it is
         return 2
     finally:
         for s, h in handlers.items():

@@ -6,13 +6,17 @@
         recommendations.tsv  each trained user's top K unseen items: user, item, rank, score
                              in the dataset's own ids (recommendations_tsv)
         pretrained.npz       MMCPR only: the fine-tuning's start, user_emb and item_emb
-        progress/            while it runs: settings.json, one <unit>.npz per finished unit
-                             (the pre-training, each fine-tuning) and the checkpoint <unit>.pt
-                             of the one in flight, so the same command resumes (open_progress,
-                             unit); removed once the deliverables are written (finish)
+        progress/            while it runs: settings.json (the settings and a digest of the data
+                             trained on), one <unit>.npz per finished unit (the pre-training, each
+                             fine-tuning) and the checkpoint <unit>.pt of the one in flight, so
+                             the same command resumes (open_progress, unit); removed once the
+                             deliverables are written (finish)
+        .lock                while it runs: the OS lock that keeps one run per folder (locked)
 
-Every file is written whole to a temporary file first and renamed into place (write_atomic):
-a failed or stopped run leaves the files of the last finished one, never half of one.
+Every file is written whole to a temporary file first, flushed to disk, and renamed into place
+(write_atomic): a failed, stopped or powered-off run leaves the files of the last finished one,
+never half of one. A run deletes only what a run wrote: a progress/ without its settings.json
+is someone else's, and is refused, never removed.
 
 model.npz (numpy only: np.load(path, allow_pickle=False)); U users, I items, d, F content columns:
     user_emb [U, d], item_emb [I, d]   float32, the kept model's final embeddings: score = dot
@@ -31,16 +35,24 @@ and, where there is a content head:
     tag_<b> [k]                        str, the columns of tag block b (raw data)
     encoder_text, encoder_image, precision   str, how the catalogue was encoded ('' : the packaged model)
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import zipfile
 
 import numpy as np
 
 from data import DataError
+
+
+class WriteError(Exception):
+    """The deliverables could not be written; progress/ is kept, so the same command writes them."""
 
 
 def settings(args, model):
@@ -69,8 +81,8 @@ def check_writable(path):
 
 def write_atomic(folder, outputs):
     """outputs {file name: write(binary file)}: every file is written in full to a temporary
-    file in `folder` first, and only then are they all renamed into place, back to back:
-    a failed run changes nothing."""
+    file in `folder` and flushed to disk first, and only then are they all renamed into place,
+    back to back, the folder flushed after: a failed run changes nothing."""
     tmps = {}
     try:
         for name, write in outputs.items():
@@ -78,51 +90,114 @@ def write_atomic(folder, outputs):
             os.fchmod(fd, 0o644)  # mkstemp makes 0600
             with os.fdopen(fd, "wb") as f:
                 write(f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before its name is: a power loss leaves old or new, never empty
         for name, tmp in tmps.items():
             os.replace(tmp, os.path.join(folder, name))
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the renames themselves
+        finally:
+            os.close(fd)
     finally:
         for tmp in tmps.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
 
-def open_progress(args, model, out):
-    """OUT/progress/, where a run keeps what it has done until metrics.json is written, with
-    the run's settings in settings.json: created, or, left by an interrupted run of the same
-    settings, resumed (one line says from what). --fresh discards it first; an unreadable
-    settings.json is reported and the progress discarded. Progress of other settings is never
-    resumed or overwritten: FileExistsError, naming the settings that differ."""
-    prog, want = os.path.join(out, "progress"), settings(args, model)
-    if args.fresh and os.path.isdir(prog):
-        print(f"--fresh: discarding the progress in {prog}/")
-        shutil.rmtree(prog)
+@contextlib.contextmanager
+def locked(out):
+    """Hold the run folder `out` (made if missing) for this process: an OS lock (flock) on
+    out/.lock, which the kernel releases when the process ends, even by SIGKILL. A second run
+    on the folder gets FileExistsError naming the process that holds it, and the first goes on
+    untouched. Released and removed on leaving; `out` too if this call made it and it is empty."""
+    made, path = not os.path.isdir(out), os.path.join(out, ".lock")
+    os.makedirs(out, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace") or "another process"
+            os.close(fd)
+            raise FileExistsError(f"{out}/ is in use by {holder}: one run per folder (wait for it to end, or "
+                                  "choose another --out)") from None
+        try:  # the lock's file may have been removed by its last holder after we opened it: take the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} ({shlex.join(['python', *sys.argv])})".encode())
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+        if made:
+            try:
+                os.rmdir(out)
+            except OSError:  # not empty: the run wrote into it
+                pass
+
+
+def digest(arrays):
+    """{name: sha1 of its bytes} of {name: array or tuple of arrays}: what a run trained on, so
+    that a resumed run can tell that the data changed under it."""
+    out = {}
+    for name, x in arrays.items():
+        h = hashlib.sha1()
+        for a in x if isinstance(x, tuple) else (x,):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.data)
+        out[name] = h.hexdigest()
+    return out
+
+
+def open_progress(args, model, out, trained_on):
+    """OUT/progress/, where a run keeps what it has done until metrics.json is written, with the
+    run's settings and `trained_on` (digest's record of its data) in settings.json: created, or,
+    left by an interrupted run of the same settings on the same data, resumed (one line says from
+    what). --fresh discards it first. A progress/ without a readable settings.json is not a run's,
+    and progress of other settings or other data is never resumed or overwritten: FileExistsError,
+    naming what differs, the folder left as it is. Call it holding the folder (locked)."""
+    prog, want = os.path.join(out, "progress"), settings(args, model) | dict(trained_on=trained_on)
     if os.path.isdir(prog):
         try:
             with open(os.path.join(prog, "settings.json")) as f:
                 have = json.load(f)
-        except (OSError, ValueError) as e:
-            print(f"{prog}/settings.json is unreadable ({type(e).__name__}): discarding that progress, starting afresh")
+            assert isinstance(have, dict)
+        except (OSError, ValueError, AssertionError) as e:
+            raise FileExistsError(f"{prog}/ is not a run's progress (its settings.json: {type(e).__name__}): "
+                                  "it is left as it is; move it, or choose another --out") from None
+        if args.fresh:
+            print(f"--fresh: discarding the progress in {prog}/")
             shutil.rmtree(prog)
+        elif have != want:
+            differ = sorted(k for k in (have.keys() | want.keys()) - {"trained_on"} if have.get(k) != want.get(k))
+            data = have.get("trained_on") or {}
+            changed = sorted(k for k in data.keys() | trained_on.keys() if data.get(k) != trained_on.get(k))
+            raise FileExistsError(f"{prog}/ holds the progress of a run with other "
+                                  + (f"settings (differing: {', '.join(differ)})" if differ else
+                                     f"data (changed since: {', '.join(changed)})")
+                                  + ": rerun with those, or add --fresh to discard it")
         else:
-            if have != want:
-                differ = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
-                raise FileExistsError(f"{prog}/ holds the progress of a run with other settings (differing: "
-                                      f"{', '.join(differ)}): rerun with those, or add --fresh to discard it")
             done = sorted(f for f in os.listdir(prog) if f.endswith((".npz", ".pt")))
             print(f"resuming the run in {out}/ from {prog}/: {', '.join(done) or 'nothing finished yet'}")
             return prog
-    os.makedirs(prog)
-    write_atomic(prog, {"settings.json": lambda f: f.write(json.dumps(want, indent=1).encode())})
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out, prefix=".progress.")  # progress/ appears with its settings.json, never without
+    write_atomic(tmp, {"settings.json": lambda f: f.write(json.dumps(want, indent=1).encode())})
+    os.chmod(tmp, 0o755)
+    os.rename(tmp, prog)
     return prog
 
 
 def discard_progress(out):
-    """Remove OUT/progress/, and OUT if that leaves it empty."""
+    """Remove OUT/progress/ (open_progress's, of the run that holds the folder)."""
     shutil.rmtree(os.path.join(out, "progress"), ignore_errors=True)
-    try:
-        os.rmdir(out)
-    except OSError:  # not empty, or not there
-        pass
 
 
 def unit(prog, name, stop, train):
@@ -151,9 +226,13 @@ def unit(prog, name, stop, train):
 
 def finish(out, prog, outputs):
     """The run's last step: its deliverables {file name: write(binary file)} written into `out`
-    (write_atomic), the stale files of an earlier run in a reused --out removed, then the progress."""
-    os.makedirs(out, exist_ok=True)
-    write_atomic(out, outputs)
+    (write_atomic), the stale files of an earlier run in a reused --out removed, then the progress.
+    WriteError where they cannot be written: the progress stays, so the same command writes them."""
+    try:
+        write_atomic(out, outputs)
+    except OSError as e:
+        raise WriteError(f"cannot write the run's files into {out}/ ({e}); {prog}/ keeps its finished units: "
+                         "the same command writes them") from None
     for stale in {"pretrained.npz", "user_emb.npy", "item_emb.npy"} - set(outputs):  # a reused --out: one run's files
         if os.path.exists(os.path.join(out, stale)):
             os.unlink(os.path.join(out, stale))

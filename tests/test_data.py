@@ -169,3 +169,33 @@ def test_cold_split_depends_on_split_seed_alone(tmp_path):
         dataset.load_mmrec(str(tmp_path), cold_items=1.0, log=lambda s: None)
     with pytest.raises(dataset.DataError, match="cold-valid and cold-test need one each"):
         dataset.load_mmrec(str(tmp_path), cold_items=0.05, log=lambda s: None)  # 1 of 20 items
+
+
+def test_ids_that_no_split_has_are_no_items_and_a_note_counts_them(tmp_path):
+    """Ids from 1 leave a row 0: it is no item of the dataset (catalogue), and one note says so."""
+    write(tmp_path, [(u + 1, i + 1, s) for u, i, s in ROWS])
+    d = load(tmp_path)
+    assert d["n_items"] == 5 and d["catalogue"].tolist() == [1, 2, 3, 4]
+    assert len(d["notes"]) == 1 and d["notes"][0].startswith("1 item ids below 5 appear in no split (such as 0)")
+    assert load(write(tmp_path / "b"))["notes"] == [] and load(tmp_path / "b")["catalogue"].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("col,value", [(0, 2 ** 53), (1, 2 ** 53 + 2), (0, 10 ** 12), (1, 20_008)])
+def test_ids_that_are_too_large_are_one_line(tmp_path, col, value):
+    """2**53 is where float64 stops holding every integer; far beyond the count, a row per id costs memory."""
+    rows = [tuple(value if j == col and k == 0 else x for j, x in enumerate(r)) for k, r in enumerate(ROWS)]
+    with pytest.raises(dataset.DataError, match=r"toy\.inter: (userID|itemID) (must be a non-negative integer "
+                                                r"below 2\*\*53|runs to \d+ for \d+ distinct ids)") as e:
+        load(write(tmp_path, rows))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,rows,message", [
+    ("image_feat.npy", 4, r"image_feat\.npy: no columns"),
+    ("review_feat.npy", 3, r"review_feat\.npy: no columns"),
+    ("graph_feat.npy", 4, r"graph_feat\.npy: 'graph' names the ID modality")])
+def test_a_feature_without_columns_or_with_a_reserved_name_is_one_line(tmp_path, name, rows, message):
+    write(tmp_path)
+    np.save(tmp_path / name, np.zeros((rows, 0 if "graph" not in name else 3), np.float32))
+    with pytest.raises(dataset.DataError, match=message):
+        load(tmp_path)

@@ -460,3 +460,14 @@ def test_default_image_encoder_is_pretrained(tmp_path):
         xs.append(x / np.linalg.norm(x, axis=1, keepdims=True))
         assert list(ok) == [0, 1, 2] and x.shape == (3, 1280) and xs[-1][0] @ xs[-1][1] > xs[-1][0] @ xs[-1][2]
     assert ((xs[0] * xs[1]).sum(1) > 0.98).all()
+
+
+@pytest.mark.parametrize("field,value", [("item", "i\t1"), ("user", "u\n1"), ("item", "i1\r")])
+def test_an_id_with_a_tab_or_line_break_is_one_line_before_any_encoding(tmp_path, tiny, field, value):
+    """The id maps and recommendations.tsv are tab-separated lines: such an id would break them."""
+    rows = reviews([4, 4])
+    rows[1][field] = value
+    write_jsonl(tmp_path / "reviews.jsonl", rows)
+    with pytest.raises(DataError, match=rf"reviews\.jsonl: {field} id '.*' holds a tab, newline or carriage return"):
+        convert(tmp_path, tiny)
+    assert sorted(os.listdir(tmp_path)) == ["features.lock", "reviews.jsonl"]  # nothing encoded or written

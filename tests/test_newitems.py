@@ -87,7 +87,7 @@ def test_cold_entry_of_metrics(tmp_path, model):
 
 def test_new_item_head_reads_the_tags_unless_told_not_to(tmp_path):
     data = make_dataset(tmp_path / "toy")
-    np.save(data / "category_tag.npy", np.eye(40, 6, dtype=np.float32))
+    np.save(data / "category_tag.npy", np.eye(6, dtype=np.float32)[np.arange(40) % 6])  # each tag on 6 or 7 items
     content = {}
     for flag in ([], ["--no-tags"]):
         out = tmp_path / f"out{len(flag)}"
@@ -144,3 +144,37 @@ def test_new_items_start_is_chosen_on_cold_valid_alone(tmp_path, monkeypatch, co
     m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))
     assert m["start"] == "pretrained"
     assert m["cold"]["start"] == want and m["cold"]["ridge"] == {"pretrained": 1.0, "scratch": 2.0}[want]
+
+
+def test_with_new_items_a_tag_is_a_column_only_where_two_trained_items_carry_it(tmp_path):
+    """Tag 0 is carried by one trained item and one new item: the conversion's count (two items)
+    keeps it, but only a new item makes it two, so the head has no column for it; tag 1 stays."""
+    data = make_dataset(tmp_path / "toy")
+    d = dataset.load_mmrec(str(data), cold_items=0.25, log=lambda s: None)
+    trained, new = np.unique(d["train"][1]), d["cold"]["valid_items"]
+    tags = np.zeros((40, 2), np.float32)
+    tags[[trained[0], new[0]], 0] = 1
+    tags[trained[1:4], 1] = 1
+    np.save(data / "category_tag.npy", tags)
+    out = tmp_path / "out"
+    p = run("--data", data, "--device", "cpu", "--epochs", "2", "--pretrain-epochs", "1", "--cold-items", "0.25",
+            "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "1 tag columns that fewer than two trained items carry are left out" in p.stdout
+    z = np.load(out / "model.npz")
+    widths = dict(zip(z["head_blocks"].tolist(), z["head_widths"].tolist()))
+    assert widths == {"audio": 7, "image": 12, "category tags": 1}
+
+
+@pytest.mark.parametrize("n_items,warned", [(40, True), (200, False)])
+def test_settings_chosen_on_twenty_new_items_or_fewer_say_they_chose_nothing(tmp_path, n_items, warned):
+    """Recall@20 over 20 candidates or fewer is 1 for every setting: said once, and in metrics.json."""
+    data, out = make_dataset(tmp_path / "toy", n_items=n_items), tmp_path / "out"
+    p = run("--data", data, "--device", "cpu", "--epochs", "2", "--pretrain-epochs", "1", "--cold-items", "0.25",
+            "--out", out)
+    assert p.returncode == 0, p.stderr
+    cold = json.loads((out / "metrics.json").read_text())["cold"]
+    assert ("warning" in cold) == warned and p.stdout.count("Recall@20 chooses nothing") == warned
+    if warned:
+        assert cold["warning"].startswith("the head's settings were chosen on 5 new items")
+        assert set(cold["ridge_grid"].values()) == {1.0} and cold["ridge"] == newitems.RIDGE[0]

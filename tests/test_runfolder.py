@@ -3,6 +3,7 @@ user's unseen top K), and an interrupted run resumed from its progress/ to the r
 uninterrupted one, real signals to run.py included."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from helpers import ROOT, load, make_dataset, quiet, read_tsv, run, stop_once
 import data as dataset  # noqa: E402  (helpers puts the root on sys.path)
 import recommender  # noqa: E402
 import run as run_module  # noqa: E402
+import runfolder  # noqa: E402
 
 TRAIN = ["--device", "cpu", "--epochs", "4", "--pretrain-epochs", "2", "--l2", "1e-2", "--batch", "256",
          "--pretrain-batch", "256"]
@@ -170,3 +172,157 @@ def test_recommendations_are_each_users_unseen_top_k(tmp_path):
         best = sorted(unseen, key=lambda i: -scores[u, i])[:5]
         got = [i for v, i, _, _ in rows if v == str(u)]
         assert [scores[u, int(i)] for i in got] == pytest.approx([scores[u, i] for i in best], rel=1e-5)
+
+
+# The run folder's seams: one run per folder, nothing deleted that a run did not write, resume
+# trusts the data, a failed write keeps the progress, units on disk, this invocation's timings.
+LONG = ["--model", "lightgcn", "--epochs", "300", "--patience", "300", "--l2", "1e-3", "--topk", "20",
+        "--checkpoint-every", "0"]
+
+
+def running(command, until):
+    """run.py started in a subprocess, returned once it has printed a line that starts with `until`."""
+    p = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith(until):
+            return p
+    raise AssertionError(f"run.py ended before printing {until!r}: {p.communicate()[1]}")
+
+
+def test_a_second_run_on_a_folder_in_use_is_one_line_and_the_first_finishes_untouched(toy, tmp_path):
+    argv = ["--data", str(toy[0]), *LONG]
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "run.py"), *argv, "--out", str(out)]
+    first = running(command, "lightgcn epoch 3:")
+    first.send_signal(signal.SIGSTOP)  # paused mid-training, so that it is still at it whatever the load
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and len(second.stderr.splitlines()) == 1
+    assert f"is in use by process {first.pid} (python " in second.stderr and "one run per folder" in second.stderr
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert run_module.main([*argv, "--out", str(tmp_path / "reference")]) == 0
+    assert comparable(out) == comparable(tmp_path / "reference")
+    assert sorted(os.listdir(out)) == ["metrics.json", "model.npz", "recommendations.tsv"]  # lock and progress gone
+
+
+def test_a_killed_run_leaves_the_folder_free(toy, tmp_path):
+    """The lock is the kernel's: SIGKILL releases it, and the same command resumes."""
+    argv = ["--data", str(toy[0]), *LONG]
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "run.py"), *argv, "--out", str(out)]
+    p = running(command, "lightgcn epoch 5:")
+    p.kill()
+    p.communicate(timeout=60)
+    assert (out / ".lock").exists()  # left by the killed process, held by no one
+    q = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0, q.stderr
+    assert "resuming the run" in q.stdout and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("fresh", [[], ["--fresh"]])
+def test_a_progress_folder_that_no_run_wrote_is_refused_and_kept(toy, tmp_path, capsys, fresh):
+    out = tmp_path / "out"
+    (out / "progress").mkdir(parents=True)
+    (out / "progress" / "notes.txt").write_text("mine")
+    assert run_module.main(["--data", str(toy[0]), "--model", "mf", "--epochs", "2", "--out", str(out), *fresh]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a run's progress" in err and "left as it is" in err
+    assert sorted(os.listdir(out)) == ["progress"] and (out / "progress" / "notes.txt").read_text() == "mine"
+
+
+def test_data_changed_between_a_stop_and_the_resume_is_refused(toy, tmp_path, capsys):
+    folder = tmp_path / "toy"
+    shutil.copytree(toy[0], folder)
+    out = tmp_path / "out"
+    argv = ["--data", str(folder), "--model", "lightgcn", "--epochs", "4", "--l2", "1e-3,1e-1", "--topk", "20",
+            "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run(run_module.parse_args(argv), dataset.load_mmrec(str(folder), log=quiet), "lightgcn", 0.0,
+                       str(out), stop=stop_once(after=6))
+    before = {f: (out / "progress" / f).read_bytes() for f in os.listdir(out / "progress")}
+    assert "finetune-0.001.npz" in before
+    x = np.load(folder / "image_feat.npy")
+    np.save(folder / "image_feat.npy", x[::-1])  # the same shape, other features
+    capsys.readouterr()
+    assert run_module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other data (changed since: image_feat.npy)" in err and "--fresh" in err
+    assert {f: (out / "progress" / f).read_bytes() for f in os.listdir(out / "progress")} == before
+    np.save(folder / "image_feat.npy", x)  # back as it was: the run resumes
+    assert run_module.main(argv) == 0 and "resuming the run" in capsys.readouterr().out
+
+
+def test_a_failed_write_keeps_the_progress_and_the_same_command_finishes(reference, tmp_path, capsys, monkeypatch):
+    args, data, want = reference
+    out = tmp_path / "out"
+    argv = ["--data", str(args.data), *FLAGS, "--out", str(out)]
+    real = runfolder.write_atomic
+
+    def no_space(folder, outputs):  # the deliverables fail; the progress units are written
+        if os.path.samefile(folder, out):
+            raise OSError(28, "No space left on device")
+        real(folder, outputs)
+    monkeypatch.setattr(runfolder, "write_atomic", no_space)
+    assert run_module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "the same command writes them" in err
+    assert {"pretrain.npz", "finetune-0.001.npz", "finetune-0.1.npz"} <= set(os.listdir(out / "progress"))
+    monkeypatch.setattr(runfolder, "write_atomic", real)
+    assert run_module.main(argv) == 0
+    log = capsys.readouterr().out
+    assert "resuming the run" in log and "epoch   1 " not in log and "lightgcn epoch 1:" not in log  # nothing retrained
+    assert comparable(out) == want
+
+
+def test_a_units_result_is_on_disk_before_its_checkpoint_is_removed(tmp_path, monkeypatch):
+    """fsync of the result file, then of its folder (the rename), and only then the checkpoint's unlink."""
+    events = []
+    real_fsync, real_unlink = os.fsync, os.unlink
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "unlink", lambda p, **kw: events.append(("unlink", str(p))) or real_unlink(p, **kw))
+
+    def train(checkpoint):
+        open(checkpoint, "wb").close()
+        return dict(x=np.arange(3), best_epoch=1)
+    prog = str(tmp_path)
+    assert runfolder.unit(prog, "u", None, train)["best_epoch"] == 1
+    tmp_file = next(p for e, p in events if e == "fsync" and ".u.npz." in p)
+    order = [events.index(("fsync", tmp_file)), events.index(("fsync", prog)),
+             events.index(("unlink", os.path.join(prog, "u.pt")))]
+    assert order == sorted(order)
+
+
+def test_a_resumed_runs_timings_are_this_invocations_and_none_is_negative(toy, tmp_path, capsys):
+    """The restored part of a fine-tuning must not count: its evaluations ran in another invocation."""
+    out = tmp_path / "out"
+    argv = ["--data", str(toy[0]), "--model", "lightgcn", "--epochs", "40", "--patience", "40", "--l2", "1e-3",
+            "--topk", "20", "--checkpoint-every", "0", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 39 of 40: one epoch is left
+        run_module.run(run_module.parse_args(argv), toy[1], "lightgcn", 0.0, str(out), stop=stop_once(after=38))
+    assert run_module.main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert all(v >= 0 for v in m["timings_s"].values()), m["timings_s"]
+    assert m["history"][-1]["epoch"] == 40
+
+
+def test_ids_that_no_split_has_are_never_ranked_nor_recommended(tmp_path):
+    """Item ids from 1: row 0 is no item; recommendations.tsv has four fields a line, items of the data only."""
+    data = make_dataset(tmp_path / "toy")
+    lines = (data / "toy.inter").read_text().splitlines()
+    (data / "toy.inter").write_text("\n".join([lines[0]] + [f"{u}\t{int(i) + 1}\t{r}\t{s}" for u, i, r, s in
+                                                             (line.split("\t") for line in lines[1:])]) + "\n")
+    for f in ("image_feat.npy", "audio_feat.npy"):
+        x = np.load(data / f)
+        np.save(data / f, np.vstack([x[:1], x]))  # a row for item 0 too
+    out = tmp_path / "out"
+    p = run("--data", data, "--model", "lightgcn", "--out", out, "--recommend-k", "50", *TRAIN)
+    assert p.returncode == 0, p.stderr
+    assert "1 item ids below 41 appear in no split (such as 0)" in p.stdout
+    m, z = load(out)
+    assert 0 not in z["ranked_items"].tolist() and len(z["ranked_items"]) == 40
+    rows = read_tsv(out / "recommendations.tsv")
+    assert all(line.count("\t") == 3 for line in (out / "recommendations.tsv").read_text().splitlines())
+    assert "0" not in {i for _, i, _, _ in rows} and m["notes"][0].startswith("1 item ids")

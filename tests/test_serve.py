@@ -146,6 +146,15 @@ def test_bad_input_to_serve_is_one_line_exit_2_and_writes_nothing(tmp_path, raw_
     shutil.copytree(new, twice)
     (twice / "items.jsonl").write_text((new / "items.jsonl").read_text() * 2)
     cases["appears twice"] = (out, twice)
+    tab = tmp_path / "tab"
+    shutil.copytree(new, tab)
+    first = json.loads((new / "items.jsonl").read_text().splitlines()[0])
+    (tab / "items.jsonl").write_text(json.dumps(first | {"item": "n\t1"}) + "\n")
+    cases["item id 'n\\t1' holds a tab"] = (out, tab)
+    rows_tab = tmp_path / "rows-tab"
+    shutil.copytree(wide, rows_tab)
+    (rows_tab / "item_ids.txt").write_text("a\tb\nc\n")
+    cases["item id 'a\\tb' holds a tab"] = (tmp_path / "mm", rows_tab)
     for message, (run_dir, items) in cases.items():
         p = run("--serve", run_dir, "--new-items", items, "--out", tmp_path / "served")
         assert p.returncode == 2 and message in p.stderr, (message, p.stderr)
