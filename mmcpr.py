@@ -16,6 +16,10 @@ In paper order:
    plus lambda_align * alignment plus L2 on the batch's ego representations (`pretrain`).
    A checkpoint file lets an interrupted pre-training resume where it stopped, with the
    result of an uninterrupted one (`save_checkpoint`, `load_checkpoint`).
+6. fine-tuning ("we fine-tune the pre-trained multi-modal representations using an existing
+   recommendation model"): the fused h go to the recommender as vectors, or the network that
+   computes them becomes its layer 0 (`Encoder`), rebuilt from the same inputs (`network`) and
+   the trained parameters (`load_network`), and trains under the recommender's loss.
 
 Choices where the paper is silent, each with the `pretrain` flag that sets it (default):
 - `knn` (10, chosen on a valid split): a node keeps its top-k neighbours by co-interaction count (ties to the lower
@@ -58,7 +62,9 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
 - `epochs` (100): chosen on TikTok's valid split;
 - the hand-off: `pretrain` returns the fused h (propagated, then attended), the vectors the
   BCE scored, as the downstream model's layer-0 embeddings; the layer-0 (ego)
-  representations fused by the same α start LightGCN lower and fine-tune worse (README).
+  representations fused by the same α start LightGCN lower and fine-tune worse (README);
+- `Encoder`'s parts and their learning rates, when the network itself is fine-tuned
+  (run.py's --finetune network, --finetune-lr): see its docstring.
 """
 
 import itertools
