@@ -73,7 +73,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     (["--finetune", "network", "--finetune-lr", "id=-1"], "--finetune-lr must be PART=LR"),
     (["--finetune", "network", "--finetune-lr", "id"], "--finetune-lr must be PART=LR"),
     (["--finetune-lr", "id=1e-3"], "--finetune-lr goes with --finetune network"),
-    (["--finetune", "network", "--finetune-lr", "id=0,content=0,fusion=0"], "every part frozen"),
+    (["--finetune", "network", "--finetune-lr", "id=0,content=0,fusion=0,free=0"], "every part frozen"),
     (["--finetune", "network", "--model", "lightgcn"], "--model lightgcn has no pre-trained network"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
@@ -262,7 +262,7 @@ def test_the_default_fine_tuning_is_the_vector_hand_off_as_before(tmp_path, monk
 
 def test_finetune_network_hands_the_pretrained_network_to_fine_tuning(tmp_path, monkeypatch):
     """--finetune network: layer 0 is the pre-trained network (no vectors), its parts at --lr but the
-    free offset (0), or at --finetune-lr; it starts where the vectors would, at epoch 0."""
+    IDs (a tenth), or at --finetune-lr; it starts where the vectors would, at epoch 0."""
     import mmcpr
 
     flags = ["--epochs", "2", "--pretrain-epochs", "2", "--l2", "1e-2", "--lr", "0.005"]
@@ -270,12 +270,12 @@ def test_finetune_network_hands_the_pretrained_network_to_fine_tuning(tmp_path, 
     seen = dict(seen)  # the next spy wraps this one, which would record that call too
     _, v = fake_train_run(tmp_path / "b", monkeypatch, "mmcpr", *flags)
     assert isinstance(seen["layer0"], mmcpr.Encoder) and "user_init" not in seen
-    assert seen["layer0"].lr == dict(id=0.005, content=0.005, fusion=0.005, free=0.0)
+    assert seen["layer0"].lr == pytest.approx(dict(id=0.0005, content=0.005, fusion=0.005, free=0.005))
     assert m["start_scale"] == v["start_scale"] and m["history"][0] == v["history"][0]
     assert m["history"][2]["loss"] != v["history"][2]["loss"]  # one step an epoch: epoch 1 logs the start's loss
     seen, m = fake_train_run(tmp_path / "c", monkeypatch, "mmcpr", *flags, "--finetune", "network",
                              "--finetune-lr", "content=0,free=1e-2")
-    assert seen["layer0"].lr == dict(id=0.005, content=0.0, fusion=0.005, free=1e-2)
+    assert seen["layer0"].lr == pytest.approx(dict(id=0.0005, content=0.0, fusion=0.005, free=1e-2))
 
 
 def test_demo_runs_the_three_models_side_by_side(tmp_path, monkeypatch, capsys):
