@@ -16,6 +16,10 @@ In paper order:
    plus lambda_align * alignment plus L2 on the batch's ego representations (`pretrain`).
    A checkpoint file lets an interrupted pre-training resume where it stopped, with the
    result of an uninterrupted one (`save_checkpoint`, `load_checkpoint`).
+6. fine-tuning ("we fine-tune the pre-trained multi-modal representations using an existing
+   recommendation model"): the fused h go to the recommender as vectors, or the network that
+   computes them becomes its layer 0 (`Encoder`), rebuilt from the same inputs (`network`) and
+   the trained parameters (`load_network`), and trains under the recommender's loss.
 
 Choices where the paper is silent, each with the `pretrain` flag that sets it (default):
 - `knn` (10, chosen on a valid split): a node keeps its top-k neighbours by co-interaction count (ties to the lower
@@ -58,7 +62,9 @@ Choices where the paper is silent, each with the `pretrain` flag that sets it (d
 - `epochs` (100): chosen on TikTok's valid split;
 - the hand-off: `pretrain` returns the fused h (propagated, then attended), the vectors the
   BCE scored, as the downstream model's layer-0 embeddings; the layer-0 (ego)
-  representations fused by the same α start LightGCN lower and fine-tune worse (README).
+  representations fused by the same α start LightGCN lower and fine-tune worse (README);
+- `Encoder`'s parts and their learning rates, when the network itself is fine-tuned
+  (run.py's --finetune network, --finetune-lr): see its docstring.
 """
 
 import itertools
@@ -296,11 +302,11 @@ class MMCPR(nn.Module):
         self.register_buffer('has_id', torch.ones(n_items, dtype=torch.bool) if has_id is None else has_id)
         self.content = list(item_feats)                                # item content modality names
         for name, f in item_feats.items():
-            self.register_buffer('feat_' + name, f.float())           # [I, f]
+            self.register_buffer('feat_' + name, f.float(), persistent=False)  # [I, f], rebuilt from the inputs
         self.item_proj = nn.ModuleDict({name: projector(f.shape[1], dim) for name, f in item_feats.items()})
         self.user_proj = None
         if user_feat is not None:
-            self.register_buffer('user_feat', user_feat.float())      # [U, f]
+            self.register_buffer('user_feat', user_feat.float(), persistent=False)  # [U, f]
             self.user_proj = projector(user_feat.shape[1], dim)
         self.user_modalities = ['graph'] + (['review'] if user_feat is not None else [])
         self.item_modalities = ['graph'] + self.content
@@ -367,6 +373,43 @@ def load_checkpoint(path, log=print):
         return None
 
 
+def network(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, fusion='attention', modality_dropout=0.0,
+            new_items=None, user_graph=True, item_graph=True, standardize=True, device='cpu', log=print):
+    """(MMCPR [untrained], graph seconds): the network `pretrain` trains, set up from the binary train
+    matrix R [U, I] (scipy sparse), item content {name: [I, f]} and user reviews [U, f] or None: the
+    homogeneous graphs, the standardised features, the new items' ID modality masked. The same
+    inputs build the same network, so a caller can rebuild the pre-trained one from
+    pretrain()['network'] (`load_network`). Draws its ID embeddings from torch's RNG."""
+    R = (sp.csr_matrix(R) != 0).astype(np.float32)
+    n_users, n_items = R.shape
+    t = time.perf_counter()
+    A_user, A_item = build_graphs(R, knn, user_graph, item_graph)
+    graph_seconds = time.perf_counter() - t
+    # Â stores each undirected edge in both directions, plus the n self-loops
+    log(f'graphs: {(A_user.nnz - n_users) // 2} user edges, {(A_item.nnz - n_items) // 2} item edges, '
+        f'{graph_seconds:.2f}s')
+    has_id = np.ones(n_items, bool)                                    # [I] False: a new item
+    if new_items is not None:
+        has_id[np.asarray(new_items, np.int64)] = False
+        if R[:, ~has_id].nnz:
+            raise ValueError('a new item has a training pair')
+    fit = None if has_id.all() else np.flatnonzero(has_id)             # the items the standardisation sees
+    feats = {name: prepare(f, standardize, fit) for name, f in item_feats.items()}
+    review = None if user_feat is None else prepare(user_feat, standardize)
+    model = MMCPR(n_users, n_items, to_torch_sparse(A_user, device), to_torch_sparse(A_item, device),
+                  feats, review, dim, layers, fusion, modality_dropout, torch.from_numpy(has_id)).to(device)
+    return model, graph_seconds
+
+
+def load_network(model, params):
+    """Copy the parameters {name: array} (pretrain()['network']) into the network `model` (`network`
+    of the same inputs); returns it."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.as_tensor(params[name]))
+    return model
+
+
 def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=100, batch=8192,
              align_batch=1024, lr=1e-2, neg=8, tau=0.2, lambda_align=0.01, l2=1e-3, fusion='attention',
              modality_dropout=0.0, id_dropout=0.0, new_items=None, user_graph=True, item_graph=True, align=True,
@@ -375,8 +418,9 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
     """Pre-train MMCPR on the binary train matrix R [U, I] (scipy sparse) with item content
     features {name: [I, f]} and optional user review features [U, f]. Returns a dict of
     user_emb [U, d], item_emb [I, d] (fused h after training), item_content_emb [I, d] (h_i
-    with every ID modality masked: what content alone gives), modality_weights, graph_seconds,
-    epoch_seconds, losses (per epoch {'bce', 'align', 'total'} means) and notes.
+    with every ID modality masked: what content alone gives), network (the trained parameters
+    {name: array}, for `load_network`), modality_weights, graph_seconds, epoch_seconds, losses
+    (per epoch {'bce', 'align', 'total'} means) and notes.
 
     new_items (int ids, default none): the items that arrive after training (the cold-start
     split), so no pair of theirs may be in R. A new item has no edge and no trained ID: its ID
@@ -414,25 +458,13 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         if modality_dropout:
             notes.append('modality_dropout has no effect with fusion=mean')
 
-    t = time.perf_counter()
-    A_user, A_item = build_graphs(R, knn, user_graph, item_graph)
-    graph_seconds = time.perf_counter() - t
-    # Â stores each undirected edge in both directions, plus the n self-loops
-    log(f'graphs: {(A_user.nnz - n_users) // 2} user edges, {(A_item.nnz - n_items) // 2} item edges, '
-        f'{graph_seconds:.2f}s')
-
-    has_id = np.ones(n_items, bool)                                    # [I] False: a new item
-    if new_items is not None:
-        has_id[np.asarray(new_items, np.int64)] = False
-        if R[:, ~has_id].nnz:
-            raise ValueError('a new item has a training pair')
+    model, graph_seconds = network(R, item_feats, user_feat, dim=dim, knn=knn, layers=layers, fusion=fusion,
+                                   modality_dropout=modality_dropout, new_items=new_items, user_graph=user_graph,
+                                   item_graph=item_graph, standardize=standardize, device=device, log=log)
+    has_id = model.has_id.cpu().numpy()                                # [I] False: a new item
     pool = None if has_id.all() else np.flatnonzero(has_id)            # the negatives' items
     if (np.diff(R.indptr) >= has_id.sum()).any():
         raise ValueError('a user interacted with every item: no negatives to sample')
-    feats = {name: prepare(f, standardize, pool) for name, f in item_feats.items()}
-    review = None if user_feat is None else prepare(user_feat, standardize)
-    model = MMCPR(n_users, n_items, to_torch_sparse(A_user, device), to_torch_sparse(A_item, device),
-                  feats, review, dim, layers, fusion, modality_dropout, torch.from_numpy(has_id)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     users, items = R.nonzero()                                         # training pairs
     keys = np.sort(users.astype(np.int64) * n_items + items)
@@ -496,6 +528,7 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         'user_emb': h_u.cpu().numpy().astype(np.float32),
         'item_emb': h_i.cpu().numpy().astype(np.float32),
         'item_content_emb': h_c.cpu().numpy().astype(np.float32),
+        'network': {name: p.detach().cpu().numpy() for name, p in model.named_parameters()},
         'modality_weights': {'user': dict(zip(model.user_modalities, alpha_u.mean(0).tolist())),
                              'item': dict(zip(model.item_modalities, alpha_i[model.has_id].mean(0).tolist()))},
         'graph_seconds': graph_seconds,
@@ -503,3 +536,63 @@ def pretrain(R, item_feats, user_feat=None, *, dim=64, knn=10, layers=3, epochs=
         'losses': losses,
         'notes': notes,
     }
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning the network
+
+class Encoder(nn.Module):
+    """The pre-trained network as a downstream recommender's layer 0, so that fine-tuning "the
+    pre-trained multi-modal representations" fine-tunes what computes them: forward() ->
+    scale * [h_u; h_i] (+ free) [U + I, d], the fused h recomputed at every call, so content, the
+    homogeneous graphs and the attention keep a say in every step of the recommender's loss.
+    `pretrain` hands over the same h as vectors: at the start the two agree bit for bit.
+
+    lr {part: learning rate}, the parts (PARTS) trained with their own Adam step sizes, a part
+    at 0 frozen (no gradient computed). The paper is silent on all of it:
+      id       the user and item ID embeddings ('graph' modality)
+      content  the content projectors (item features, user reviews)
+      fusion   the attention of the inter-modal aggregation
+      free     a per-node offset [U + I, d] added to the output, zero at the start: the vector
+               hand-off's own degrees of freedom (with the other parts frozen, it trains as the
+               vectors do, up to float rounding)
+    The network runs in eval mode: the pre-training's modality dropout and ID dropout are not
+    applied while fine-tuning. rescale(s) multiplies the output by s (the recommender's
+    fit_scale), as it multiplies the handed-over vectors."""
+
+    PARTS = ('id', 'content', 'fusion', 'free')
+
+    def __init__(self, model, lr):
+        super().__init__()
+        if set(lr) != set(self.PARTS):
+            raise ValueError(f'Encoder: a learning rate for each of {", ".join(self.PARTS)}, got {sorted(lr)}')
+        if not any(lr.values()):
+            raise ValueError('Encoder: every part frozen (learning rate 0), nothing to fine-tune')
+        self.net, self.lr = model.eval(), dict(lr)
+        self.register_buffer('scale', torch.ones((), device=model.has_id.device))
+        n = model.user_id.num_embeddings + model.item_id.num_embeddings
+        self.free = nn.Parameter(torch.zeros(n, model.user_id.embedding_dim, device=model.has_id.device))
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for part, ps in self.parts().items():
+            for p in ps:
+                p.requires_grad_(self.lr[part] > 0)
+
+    def parts(self):
+        """{part: its parameters}."""
+        mods = lambda *ms: [p for m in ms if m is not None for p in m.parameters()]
+        return dict(id=mods(self.net.user_id, self.net.item_id), content=mods(self.net.item_proj, self.net.user_proj),
+                    fusion=mods(self.net.user_att, self.net.item_att), free=[self.free])
+
+    def param_groups(self):
+        """Adam's parameter groups: each part's parameters at its learning rate, frozen parts left out."""
+        return [dict(params=ps, lr=self.lr[part]) for part, ps in self.parts().items() if self.lr[part] > 0 and ps]
+
+    @torch.no_grad()
+    def rescale(self, s):
+        self.scale.mul_(s)
+
+    def forward(self):                                                 # [U + I, d]
+        h_u, h_i = self.net()[:2]
+        h = torch.cat([h_u, h_i]) * self.scale
+        return h + self.free if self.lr['free'] > 0 else h

@@ -6,6 +6,7 @@ such models, self-contained:
 
     sample_negatives   uniform negatives that are never a training positive
     Evaluator          full-ranking Recall/NDCG/Precision/Hit@K, MMRec protocol
+    Table              a free layer-0 table, the interface any layer 0 offers
     MF                 matrix factorisation, score(u, i) = e_u . e_i
     LightGCN           He et al. (SIGIR 2020): e_u, e_i averaged over K
                        propagations on the normalised user-item graph
@@ -15,8 +16,9 @@ such models, self-contained:
     recommend          each user's top-K unseen items
 
 Everything takes plain numpy arrays of (user, item) pairs and, for the
-hand-off, optional initial (layer-0) embeddings. Nothing here imports the rest
-of the project.
+hand-off, optional initial (layer-0) embeddings, or a torch module that computes
+layer 0 (a pre-trained network, fine-tuned with the recommender). Nothing here
+imports the rest of the project.
 """
 import os
 import time
@@ -130,33 +132,61 @@ class Evaluator:
         return out
 
 
-class MF(nn.Module):
-    """Matrix factorisation: score(u, i) = e_u . e_i.
+class Table(nn.Module):
+    """Layer 0 as a free table [n_users + n_items, d], users first, so that a BPR step builds
+    one gradient and makes one Adam update: the model's own start (Xavier), or handed-over
+    initial embeddings, fine-tuned as parameters.
 
-    Users and items live in one layer-0 table `ego` [n_users + n_items, d],
-    users first, so that a BPR step builds one gradient and makes one Adam
-    update. forward() returns the final embeddings of every node; for MF they
-    are the table itself.
-    """
+    Any module with this interface can be a recommender's layer 0 (MF, LightGCN's `layer0`):
+    forward() -> the layer-0 embeddings [n_users + n_items, d]; rescale(s) multiplies what
+    forward returns by s from then on (fit_scale's factor for a pre-trained start);
+    param_groups() -> Adam's parameter groups, a group without 'lr' at train's; and a
+    state_dict() holding what training changes (a checkpoint saves and restores it)."""
 
     def __init__(self, n_users, n_items, dim=64, user_init=None, item_init=None):
         super().__init__()
-        self.n_users = n_users
         ego = torch.empty(n_users + n_items, dim)
         for part, init in ((ego[:n_users], user_init), (ego[n_users:], item_init)):
             if init is None:
                 nn.init.xavier_normal_(part)  # as MMRec's BPR and LightGCN, fan-in/out of each table
             else:
                 part.copy_(torch.as_tensor(init, dtype=torch.float32))
-        self.ego = nn.Parameter(ego)
+        self.weight = nn.Parameter(ego)
 
     def forward(self):  # [n_users + n_items, d]
-        return self.ego
+        return self.weight
+
+    @torch.no_grad()
+    def rescale(self, s):
+        self.weight.mul_(s)
+
+    def param_groups(self):
+        return [dict(params=[self.weight])]
+
+
+class MF(nn.Module):
+    """Matrix factorisation: score(u, i) = e_u . e_i.
+
+    layer0 (a module, Table's interface; default a Table of dim, user_init, item_init) gives
+    the layer-0 embeddings of users then items; propagate() maps them to the final embeddings
+    of every node, which for MF are layer 0 itself.
+    """
+
+    def __init__(self, n_users, n_items, dim=64, user_init=None, item_init=None, layer0=None):
+        super().__init__()
+        self.n_users, self.n_items = n_users, n_items
+        self.layer0 = Table(n_users, n_items, dim, user_init, item_init) if layer0 is None else layer0
+
+    def propagate(self, ego):  # [n_users + n_items, d] -> the same
+        return ego
+
+    def forward(self):  # [n_users + n_items, d]
+        return self.propagate(self.layer0())
 
     @torch.no_grad()
     def embeddings(self):
         """(users [n_users, d], items [n_items, d]): the final embeddings, for scoring."""
-        return self().detach().split([self.n_users, len(self.ego) - self.n_users])
+        return self().detach().split([self.n_users, self.n_items])
 
 
 class SymmetricSpMM(torch.autograd.Function):
@@ -194,19 +224,19 @@ def bipartite_adjacency(n_users, n_items, users, items):
 class LightGCN(MF):
     """LightGCN (He et al., SIGIR 2020): e^(k+1) = Â e^(k) on the user-item graph,
     final e = mean_k e^(k) for k = 0..K (α_k = 1/(K+1)); score(u, i) = e_u . e_i.
-    The only parameters are the layer-0 embeddings `ego`, which is where a
-    pre-trained start goes."""
+    Its only parameters are those of layer 0, where a pre-trained start goes: a free table
+    (the handed-over vectors) or a module that computes layer 0 (a pre-trained network)."""
 
-    def __init__(self, n_users, n_items, adj, layers=2, dim=64, user_init=None, item_init=None):
-        super().__init__(n_users, n_items, dim, user_init, item_init)
+    def __init__(self, n_users, n_items, adj, layers=2, dim=64, user_init=None, item_init=None, layer0=None):
+        super().__init__(n_users, n_items, dim, user_init, item_init, layer0)
         a = adj.to_sparse_coo().coalesce()
         at = a.t().coalesce()
         if not (torch.equal(a.indices(), at.indices()) and torch.equal(a.values(), at.values())):
             raise ValueError("LightGCN: the adjacency must be symmetric (its backward multiplies by it, not its transpose)")
         self.adj, self.layers = adj, layers
 
-    def forward(self):  # [n_users + n_items, d]
-        x = h = self.ego
+    def propagate(self, ego):  # [n_users + n_items, d] -> the same
+        x = h = ego
         for _ in range(self.layers):
             x = SymmetricSpMM.apply(self.adj, x)
             h = h + x
@@ -319,17 +349,26 @@ def load_checkpoint(path, log=print):
         return None
 
 
+def layer0_state(net):
+    """A copy of the state of net's layer 0 (its state_dict): what training changes."""
+    return {k: v.clone() for k, v in net.layer0.state_dict().items()}
+
+
 def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None, dim=64, lr=None, l2=None,
           batch=2048, epochs=1000, patience=PATIENCE, ks=(10, 20, 50), user_init=None, item_init=None,
-          rescale=True, items=None, device="cpu", seed=0, log=print,
+          layer0=None, rescale=True, items=None, device="cpu", seed=0, log=print,
           checkpoint=None, checkpoint_every=60.0, stop=None):
     """Train MF-BPR or LightGCN-BPR, select the epoch on valid Recall@20, report test there.
 
     Each epoch draws one uniform negative per training pair; the loss of a batch
     of B triples (u, i, j) is bpr_loss + l2 * (|e_u^0|² + |e_i^0|² + |e_j^0|²) / B
-    on their layer-0 embeddings. Handed-over initial embeddings are first
-    rescaled by fit_scale (rescale=True). Epoch 0 is the initial embeddings
-    themselves, so fine-tuning is kept only if it beats them on valid.
+    on their layer-0 embeddings. Layer 0 is a free table (Table) from the
+    model's own random start or from handed-over initial embeddings
+    (user_init, item_init), or any module `layer0` with Table's interface, such
+    as a pre-trained network that computes it, called once a step and trained
+    by this loss (its param_groups may set their own learning rates). A
+    handed-over start is first rescaled by fit_scale (rescale=True). Epoch 0 is
+    the start itself, so fine-tuning is kept only if it beats it on valid.
     Training stops `patience` epochs after the best. items (int64 ids, default
     all): the catalogue known at training time, the only items drawn as
     negatives and ranked; new items (the cold-start split) are left out.
@@ -340,9 +379,9 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     checkpoint (a file path): resume from it where it exists and is readable,
     and write it (save_checkpoint) at the end of an epoch once checkpoint_every
     seconds have passed since the last write, and on stopping. It holds
-    everything later epochs depend on: the embeddings, Adam's state, the numpy
+    everything later epochs depend on: layer 0's state, Adam's state, the numpy
     and torch RNG states, the start's scale, the history, the best epoch and
-    its embeddings; so a resumed training ends as an uninterrupted one, bit for
+    its layer 0; so a resumed training ends as an uninterrupted one, bit for
     bit on the CPU at the same thread count. It must come from the same call.
     stop (a callable): asked at the end of every epoch; once it returns True the
     checkpoint is written and KeyboardInterrupt raised.
@@ -362,11 +401,11 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     if np.bincount(pos_keys // n_items).max() >= (n_items if pool is None else len(pool)):
         raise ValueError("a user has trained on every item: no negative to sample")
     if model == "mf":
-        net = MF(n_users, n_items, dim, user_init, item_init).to(device)
+        net = MF(n_users, n_items, dim, user_init, item_init, layer0).to(device)
     else:
         adj = bipartite_adjacency(n_users, n_items, users, items).to(device)
-        net = LightGCN(n_users, n_items, adj, layers, dim, user_init, item_init).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)  # fused: one kernel for the whole update
+        net = LightGCN(n_users, n_items, adj, layers, dim, user_init, item_init, layer0).to(device)
+    opt = torch.optim.Adam(net.layer0.param_groups(), lr=lr, fused=True)  # fused: one kernel for the whole update
     users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     ev_valid, ev_test = (Evaluator(n_items, (users, items), s, ks, device=device, candidates=pool) for s in (valid, test))
     epoch_seconds, eval_seconds = [], []
@@ -380,25 +419,23 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     state = load_checkpoint(checkpoint, log)
     if state is None:
         scale = None
-        if rescale and user_init is not None:
+        if rescale and (user_init is not None or layer0 is not None):
             negs = torch.as_tensor(sample_negatives(users, pos_keys, n_items, np.random.default_rng(seed), pool),
                                    device=device)
             scale = fit_scale(net, torch.stack([users_t, items_t + n_users, negs + n_users]))
-            with torch.no_grad():
-                net.ego.mul_(scale)
+            net.layer0.rescale(scale)
             log(f"{model}: pre-trained start rescaled by {scale:.3f}")
         best = evaluate(ev_valid)
-        done, best_epoch, best_state = 0, 0, net.ego.detach().clone()
+        done, best_epoch, best_state = 0, 0, layer0_state(net)
         history = [dict(epoch=0, loss=None, **{f"valid_{k}": v for k, v in best.items()})]
         log(f"{model} epoch 0 (init): valid recall@20 {best['recall@20']:.4f}")
     else:
-        with torch.no_grad():
-            net.ego.copy_(state["ego"])
+        net.layer0.load_state_dict(state["layer0"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         done, scale, best, best_epoch, history = (state[k] for k in ("epoch", "scale", "best", "best_epoch", "history"))
-        best_state = state["best_state"].to(device)
+        best_state = {k: v.to(device) for k, v in state["best_state"].items()}
         log(f"{model}: resumed from {checkpoint} after epoch {done} (best so far: epoch {best_epoch})")
     saved = time.perf_counter()
     for epoch in range(done + 1, epochs + 1):
@@ -408,8 +445,9 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         total = torch.zeros((), device=device)
         for idx in perm.split(batch):
             node = torch.stack([users_t[idx], items_t[idx] + n_users, negs[idx] + n_users])  # [3, B]
-            u, i, j = F.embedding(node, net())  # [3, B, d] final embeddings (F.embedding: a fast backward)
-            loss = bpr_loss((u * i).sum(1), (u * j).sum(1)) + l2 * F.embedding(node, net.ego).square().sum() / len(idx)
+            ego = net.layer0()  # [n_users + n_items, d] layer 0, computed once a step
+            u, i, j = F.embedding(node, net.propagate(ego))  # [3, B, d] final embeddings (F.embedding: a fast backward)
+            loss = bpr_loss((u * i).sum(1), (u * j).sum(1)) + l2 * F.embedding(node, ego).square().sum() / len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -422,20 +460,19 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
             f"{epoch_seconds[-1]:.2f}s + eval {eval_seconds[-1]:.2f}s")
         if m["recall@20"] > best["recall@20"]:
             best, best_epoch = m, epoch
-            best_state = net.ego.detach().clone()
+            best_state = layer0_state(net)
         elif epoch - best_epoch >= patience:
             break
         stopping = stop is not None and stop()
         if checkpoint is not None and (stopping or time.perf_counter() - saved >= checkpoint_every):
             save_checkpoint(checkpoint, dict(
-                epoch=epoch, ego=net.ego.detach().cpu(), opt=opt.state_dict(), rng=rng.bit_generator.state,
+                epoch=epoch, layer0={k: v.cpu() for k, v in net.layer0.state_dict().items()}, opt=opt.state_dict(), rng=rng.bit_generator.state,
                 torch_rng=torch.get_rng_state(), scale=scale, best=best, best_epoch=best_epoch, history=history,
-                best_state=best_state.cpu()))
+                best_state={k: v.cpu() for k, v in best_state.items()}))
             saved = time.perf_counter()
         if stopping:
             raise KeyboardInterrupt(f"{model}: stopped after epoch {epoch}")
-    with torch.no_grad():
-        net.ego.copy_(best_state)
+    net.layer0.load_state_dict(best_state)
     test_m = evaluate(ev_test)
     user_emb, item_emb = net.embeddings()
     return dict(best_epoch=best_epoch, valid=best, test=test_m, scale=scale,

@@ -81,6 +81,16 @@ def parse_args(argv=None):
                                 + ",".join(f"{v:g}" for v in recommender.L2_GRID) + " (the demo: "
                                 + ", ".join(f"{m} {t['l2']:g}" for m, t in recommender.TUNED.items()) + ")")
     g.add_argument("--batch", type=int, default=2048, help="training triples per BPR step")
+    g.add_argument("--finetune", choices=("vectors", "network"), default="vectors",
+                   help="mmcpr: what the recommender fine-tunes. vectors: the pre-trained representations, handed "
+                        "over as its layer-0 embeddings and trained as free parameters; network: the pre-trained "
+                        "MMCPR network whose output they are, recomputed at every step, so content, the homogeneous "
+                        "graphs and the attention keep training (mmcpr.Encoder)")
+    g.add_argument("--finetune-lr", default="",
+                   help="--finetune network: Adam's step size per part of the network, PART=LR separated by commas, "
+                        "0 freezing a part; parts: id (ID embeddings), content (projectors), fusion (attention), "
+                        "free (a per-node offset on the output, zero at the start). Default: id at a tenth of "
+                        "--lr, the others at --lr (chosen on TikTok's valid split)")
     g.add_argument("--no-rescale", action="store_true",
                    help="fine-tune the pre-trained start at its own scale, not the one that fits BPR")
     g.add_argument("--start", choices=("pretrained", "best"), default="pretrained",
@@ -172,6 +182,20 @@ def parse_args(argv=None):
     for name in ("pretrain_l2", "lambda_align"):
         if not 0 <= getattr(args, name) < np.inf:
             p.error(f"--{name.replace('_', '-')} must be a non-negative number")
+    try:
+        parts = [kv.split("=") for kv in args.finetune_lr.split(",") if kv]
+        assert all(len(kv) == 2 and kv[0] in mmcpr.Encoder.PARTS for kv in parts)
+        args.finetune_lr = {part: float(v) for part, v in parts}
+        assert all(0 <= v < np.inf for v in args.finetune_lr.values())
+    except (ValueError, AssertionError):
+        p.error(f"--finetune-lr must be PART=LR separated by commas, PART one of {', '.join(mmcpr.Encoder.PARTS)}, "
+                f"LR a non-negative number; got {args.finetune_lr!r}")
+    if args.finetune_lr and args.finetune != "network":
+        p.error("--finetune-lr goes with --finetune network")
+    if args.finetune == "network" and not any(finetune_lr(args, args.recommender).values()):
+        p.error("--finetune-lr: every part frozen, nothing to fine-tune")
+    if args.finetune == "network" and args.model != "mmcpr" and args.data is not None:
+        p.error(f"--finetune network: --model {args.model} has no pre-trained network")
     if args.start == "best" and args.model != "mmcpr" and args.data is not None:
         p.error(f"--start best: --model {args.model} has no pre-trained start to weigh")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -208,24 +232,37 @@ def inputs(args, data, model):
     return item_feats, user_feat, warm
 
 
-def pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings):
-    """MMCPR's pre-training on the training pairs (mmcpr.pretrain), a resumable unit of the run. The
-    items outside the warm catalogue are its new items: no trained ID, never a negative."""
+def train_matrix(data):
+    """The binary train matrix R [U, I], scipy CSR."""
     u, i = data["train"]
-    R = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(data["n_users"], data["n_items"]))
+    return sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(data["n_users"], data["n_items"]))
+
+
+def network_settings(args, data, warm):
+    """mmcpr.network's settings from the flags: the pre-training's network, and the one --finetune network
+    rebuilds from its parameters. The items outside the warm catalogue are its new items: no trained
+    ID, never a negative."""
+    return dict(dim=args.dim, knn=args.knn, layers=args.layers, fusion=args.fusion,
+                modality_dropout=args.modality_dropout,
+                new_items=None if warm is None else np.setdiff1d(np.arange(data["n_items"]), warm),
+                user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
+                standardize=not args.no_standardize, device=args.device)
+
+
+def pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings):
+    """MMCPR's pre-training on the training pairs (mmcpr.pretrain), a resumable unit of the run. Its
+    result keeps the trained network's parameters as network.<name> arrays (--finetune network)."""
+    R = train_matrix(data)
 
     def train(checkpoint):
         t = time.perf_counter()
-        pre = mmcpr.pretrain(R, item_feats, user_feat, dim=args.dim, knn=args.knn, layers=args.layers,
-                             epochs=args.pretrain_epochs, batch=args.pretrain_batch,
+        pre = mmcpr.pretrain(R, item_feats, user_feat, epochs=args.pretrain_epochs, batch=args.pretrain_batch,
                              align_batch=args.align_batch, lr=args.pretrain_lr, neg=args.neg,
-                             tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2, fusion=args.fusion,
-                             modality_dropout=args.modality_dropout, id_dropout=args.id_dropout,
-                             new_items=None if warm is None else np.setdiff1d(np.arange(data["n_items"]), warm),
-                             user_graph=not args.no_user_graph, item_graph=not args.no_item_graph,
-                             align=not args.no_align, standardize=not args.no_standardize,
-                             device=args.device, seed=args.seed, log=print,
-                             checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop)
+                             tau=args.tau, lambda_align=args.lambda_align, l2=args.pretrain_l2,
+                             id_dropout=args.id_dropout, align=not args.no_align, seed=args.seed, log=print,
+                             checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop,
+                             **network_settings(args, data, warm))
+        pre |= {f"network.{k}": v for k, v in pre.pop("network").items()}  # the unit keeps top-level arrays
         timings["graphs"] = pre["graph_seconds"]
         timings["pretrain"] = time.perf_counter() - t - pre["graph_seconds"]
         if not (np.isfinite(pre["user_emb"]).all() and np.isfinite(pre["item_emb"]).all()):
@@ -240,15 +277,38 @@ def pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings):
     return pre
 
 
-def fine_tune(args, data, downstream, pre, warm, prog, stop, timings):
-    """The L2 grid (MMRec's convention): every value fine-tunes the same start (pre-trained, or the
-    recommender's own random one) with early stopping, and the one with the best valid Recall@20
-    is kept. --start best then also trains the random start at that L2, and valid keeps the
-    better start. Test is never read to choose. Returns ({start: train()'s result}, the models the
-    new items may be served from; the choices for metrics.json: l2, grid, start, scratch)."""
-    init = dict(user_init=pre["user_emb"], item_init=pre["item_emb"]) if pre else {}
+def finetune_lr(args, downstream):
+    """--finetune-lr as {part: learning rate} over mmcpr.Encoder.PARTS, the parts not named at the
+    recommender's lr, the IDs at a tenth of it: chosen on TikTok's valid split (README, TikTok), where
+    the IDs at the full rate and no free offset fell from the start."""
+    lr = args.lr or recommender.TUNED[downstream]["lr"]
+    return dict(id=lr / 10, content=lr, fusion=lr, free=lr) | args.finetune_lr
 
-    def unit(name, l2, **init):  # one fine-tuning, a resumable unit of the run
+
+def pretrained_start(args, data, item_feats, user_feat, warm, pre, downstream):
+    """recommender.train's keyword arguments for the pre-trained start, made anew for each fine-tuning:
+    --finetune vectors, the pre-trained representations (user_init, item_init); --finetune network,
+    layer0 = the pre-trained network (mmcpr.Encoder), rebuilt from the same inputs and its parameters."""
+    if args.finetune == "vectors":
+        return lambda: dict(user_init=pre["user_emb"], item_init=pre["item_emb"])
+    params = {k.removeprefix("network."): v for k, v in pre.items() if k.startswith("network.")}
+
+    def start():
+        net, _ = mmcpr.network(train_matrix(data), item_feats, user_feat, log=lambda s: None,
+                               **network_settings(args, data, warm))
+        return dict(layer0=mmcpr.Encoder(mmcpr.load_network(net, params), finetune_lr(args, downstream)))
+    return start
+
+
+def fine_tune(args, data, downstream, start, warm, prog, stop, timings):
+    """The L2 grid (MMRec's convention): every value fine-tunes the same start (the pre-trained one,
+    `start()` giving its keyword arguments for recommender.train; or, start None, the recommender's
+    own random one) with early stopping, and the one with the best valid Recall@20 is kept.
+    --start best then also trains the random start at that L2, and valid keeps the better start.
+    Test is never read to choose. Returns ({start: train()'s result}, the models the new items may
+    be served from; the choices for metrics.json: l2, grid, start, scratch)."""
+
+    def unit(name, l2, start=None):  # one fine-tuning, a resumable unit of the run
         def train(checkpoint):
             try:
                 r = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
@@ -256,7 +316,8 @@ def fine_tune(args, data, downstream, pre, warm, prog, stop, timings):
                                       batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
                                       rescale=not args.no_rescale, items=warm,
                                       device=args.device, seed=args.seed, log=print,
-                                      checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop, **init)
+                                      checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop,
+                                      **(start() if start else {}))
             except FloatingPointError as e:
                 raise FloatingPointError(f"{downstream} with l2 {l2:g}: {e} (try a lower --lr)") from None
             timings["eval"] += sum(r["eval_seconds"])
@@ -267,23 +328,23 @@ def fine_tune(args, data, downstream, pre, warm, prog, stop, timings):
     for k, l2 in enumerate(l2s):
         if len(l2s) > 1:
             print(f"--- {downstream} with l2 {l2:g} ({k + 1} of {len(l2s)})")
-        r = unit(f"finetune-{l2!r}", l2, **init)
+        r = unit(f"finetune-{l2!r}", l2, start)
         grid.append({"l2": l2, "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
         if res is None or r["valid"]["recall@20"] > res["valid"]["recall@20"]:
             res, kept = r, l2
     if len(l2s) > 1:
         print(f"l2 kept: {kept:g}, the best valid recall@20 of the grid ("
               + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
-    start = "pretrained" if init else "scratch"
-    trained, scratch = {start: res}, None
-    if init and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
+    kept_start = "pretrained" if start else "scratch"
+    trained, scratch = {kept_start: res}, None
+    if start and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
         print(f"--- {downstream} from its own random start (scratch), l2 {kept:g}")
         own = trained["scratch"] = unit(f"scratch-{kept!r}", kept)
         scratch = {"best_epoch": own["best_epoch"], "valid_recall@20": own["valid"]["recall@20"]}
-        start = "scratch" if own["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
-        print(f"start kept: {start} (valid recall@20: pretrained {res['valid']['recall@20']:.4f}, "
+        kept_start = "scratch" if own["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
+        print(f"start kept: {kept_start} (valid recall@20: pretrained {res['valid']['recall@20']:.4f}, "
               f"scratch {own['valid']['recall@20']:.4f})")
-    return trained, dict(l2=kept, grid=grid, start=start, scratch=scratch)
+    return trained, dict(l2=kept, grid=grid, start=kept_start, scratch=scratch)
 
 
 def run(args, data, model, load_seconds, out, stop=None):
@@ -301,7 +362,8 @@ def run(args, data, model, load_seconds, out, stop=None):
     pre = pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings) if model == "mmcpr" else {}
 
     t = time.perf_counter()
-    trained, chosen = fine_tune(args, data, downstream, pre, warm, prog, stop, timings)
+    start = pretrained_start(args, data, item_feats, user_feat, warm, pre, downstream) if pre else None
+    trained, chosen = fine_tune(args, data, downstream, start, warm, prog, stop, timings)
     res = trained[chosen["start"]]
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
 

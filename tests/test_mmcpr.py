@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mmcpr  # noqa: E402
+import recommender  # noqa: E402
 from helpers import Killed, assert_same, quiet, stop_once  # noqa: E402
 
 FAST = settings(max_examples=30, deadline=None)
@@ -468,7 +469,7 @@ def tiny(seed=0, n_users=30, n_items=25, mods=('text', 'image'), review=True):
     return R, feats, user_feat
 
 
-KEYS = {'user_emb', 'item_emb', 'item_content_emb', 'modality_weights', 'graph_seconds', 'epoch_seconds', 'losses', 'notes'}
+KEYS = {'user_emb', 'item_emb', 'item_content_emb', 'network', 'modality_weights', 'graph_seconds', 'epoch_seconds', 'losses', 'notes'}
 
 
 def test_pretrain_is_deterministic_and_returns_documented_keys():
@@ -589,3 +590,111 @@ def test_pretraining_stopped_then_killed_ends_as_an_uninterrupted_one(toy, tmp_p
     assert mmcpr.load_checkpoint(ck)["epoch"] == 4
     assert_same(mmcpr.pretrain(R, d["item_feats"], d["user_feat"], **kw, checkpoint=ck), want,
                 timing=("epoch_seconds", "graph_seconds"))
+
+# ---------------------------------------------------------------------------- fine-tuning the network
+
+NET = dict(dim=8, knn=3, layers=2)
+
+
+@pytest.fixture(scope='module')
+def pretrained(toy):
+    """(the toy data, pretrain's result, encoder(**lr): a fresh mmcpr.Encoder of the pre-trained network,
+    every part frozen but those given a learning rate)."""
+    d = toy[1]
+    R = sp.csr_matrix((np.ones(len(d['train'][0]), np.float32), d['train']), shape=(d['n_users'], d['n_items']))
+    pre = mmcpr.pretrain(R, d['item_feats'], d['user_feat'], epochs=3, batch=64, log=quiet, **NET)
+
+    def encoder(**lr):
+        net, _ = mmcpr.network(R, d['item_feats'], d['user_feat'], log=quiet, **NET)
+        return mmcpr.Encoder(mmcpr.load_network(net, pre['network']), dict.fromkeys(mmcpr.Encoder.PARTS, 0.0) | lr)
+    return d, pre, encoder
+
+
+def positional(d):
+    return d['n_users'], d['n_items'], d['train'], d['valid'], d['test']
+
+
+def test_the_rebuilt_network_computes_the_handed_over_vectors(pretrained):
+    """network + load_network rebuild the pre-trained network from its inputs: its output is
+    pretrain's user_emb, item_emb bit for bit, and a fresh network's is not."""
+    d, pre, encoder = pretrained
+    with torch.no_grad():
+        h = encoder(id=1.0)()
+    np.testing.assert_array_equal(h.numpy(), np.concatenate([pre['user_emb'], pre['item_emb']]))
+    R = sp.csr_matrix((np.ones(len(d['train'][0]), np.float32), d['train']), shape=(d['n_users'], d['n_items']))
+    fresh, _ = mmcpr.network(R, d['item_feats'], d['user_feat'], log=quiet, **NET)
+    assert not np.allclose(fresh.eval()()[1].detach().numpy(), pre['item_emb'])
+
+
+@pytest.mark.parametrize('model', ['mf', 'lightgcn'])
+def test_a_frozen_network_fine_tunes_as_the_handed_over_vectors(pretrained, model):
+    """The network frozen and only the free offset trained: the same start (scale, epoch 0's scores
+    bit for bit) and the same training as fine-tuning the vectors, up to float rounding (c + Δ
+    against a table that started at c)."""
+    d, pre, encoder = pretrained
+    kw = dict(model=model, epochs=4, patience=4, batch=64, lr=1e-2, l2=1e-3, ks=(20,), log=quiet)
+    vec = recommender.train(*positional(d), user_init=pre['user_emb'], item_init=pre['item_emb'], **kw)
+    net = recommender.train(*positional(d), layer0=encoder(free=1e-2), **kw)
+    assert net['scale'] == vec['scale'] != 1.0
+    assert net['history'][0] == vec['history'][0]
+    for a, b in zip(net['history'][1:], vec['history'][1:], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert net['best_epoch'] == vec['best_epoch'] > 0
+    np.testing.assert_allclose(net['item_emb'], vec['item_emb'], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(net['user_emb'], vec['user_emb'], rtol=1e-4, atol=1e-5)
+
+
+def test_the_bpr_loss_reaches_the_content_projectors(pretrained):
+    """In network mode the recommender's loss trains the content pathway: every parameter of the
+    item projectors gets a gradient through LightGCN, the attention and the item graph."""
+    d, _, encoder = pretrained
+    enc = encoder(id=1e-2, content=1e-2, fusion=1e-2)
+    u, i = (torch.as_tensor(a) for a in d['train'])
+    net = recommender.LightGCN(d['n_users'], d['n_items'],
+                               recommender.bipartite_adjacency(d['n_users'], d['n_items'], u.numpy(), i.numpy()),
+                               layer0=enc)
+    j = torch.randint(0, d['n_items'], (len(u),), generator=torch.Generator().manual_seed(0))
+    e = net()
+    recommender.bpr_loss((e[u] * e[d['n_users'] + i]).sum(1), (e[u] * e[d['n_users'] + j]).sum(1)).backward()
+    grads = {n: p.grad for n, p in enc.net.item_proj.named_parameters()}
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads
+    assert enc.free.grad is None                                       # frozen: no gradient computed
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sets(st.sampled_from(mmcpr.Encoder.PARTS), min_size=1))
+def test_fine_tuning_moves_exactly_the_parts_given_a_learning_rate(pretrained, parts):
+    d, _, encoder = pretrained
+    enc = encoder(**dict.fromkeys(parts, 1e-2))
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    kw = dict(model='lightgcn', epochs=1, patience=1, batch=64, l2=1e-3, ks=(20,), log=quiet)
+    r = recommender.train(*positional(d), layer0=enc, **kw)
+    moved = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
+    want = {n for part, ps in enc.parts().items() if part in parts
+            for n, p in enc.named_parameters() if any(p is q for q in ps)}
+    # train hands back the best valid epoch: epoch 1, or the start itself
+    assert moved == (want if r['best_epoch'] == 1 else set())
+    assert want and all(n.startswith(('net.', 'free')) for n in want)
+
+
+def test_an_encoder_with_every_part_frozen_is_refused(pretrained):
+    with pytest.raises(ValueError, match='every part'):
+        pretrained[2]()
+
+
+def test_network_fine_tuning_stopped_then_killed_ends_as_an_uninterrupted_one(pretrained, tmp_path):
+    """The checkpoint holds the network's parameters, the start's scale and Adam's state per part."""
+    d, _, encoder = pretrained
+    lr = dict(id=1e-2, content=3e-3, fusion=1e-2, free=1e-2)
+    kw = dict(model='lightgcn', epochs=10, patience=10, batch=64, l2=1e-3, ks=(20,), log=quiet)
+    want = recommender.train(*positional(d), layer0=encoder(**lr), **kw)
+    assert want['scale'] != 1.0 and want['best_epoch'] > 0
+    ck = str(tmp_path / 'ck.pt')
+    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 3: checkpoint written
+        recommender.train(*positional(d), layer0=encoder(**lr), **kw, checkpoint=ck, checkpoint_every=float('inf'),
+                          stop=stop_once(after=2))
+    with pytest.raises(Killed):  # every epoch checkpointed, killed after epoch 6 before its checkpoint
+        recommender.train(*positional(d), layer0=encoder(**lr), **kw, checkpoint=ck, checkpoint_every=0,
+                          stop=stop_once(after=2, kill=True))
+    assert recommender.load_checkpoint(ck)['epoch'] == 5
+    assert_same(recommender.train(*positional(d), layer0=encoder(**lr), **kw, checkpoint=ck), want)

@@ -300,9 +300,9 @@ def test_lightgcn_backward_matches_dense_and_refuses_an_asymmetric_matrix():
     w = torch.randn(n_users + n_items, 4)
     (net() * w).sum().backward()
     A = torch.tensor(dense_adjacency(n_users, n_items, *train), dtype=torch.float32)
-    ego = net.ego.detach().clone().requires_grad_()
+    ego = net.layer0.weight.detach().clone().requires_grad_()
     ((ego + A @ ego + A @ (A @ ego)) / 3 * w).sum().backward()
-    torch.testing.assert_close(net.ego.grad, ego.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(net.layer0.weight.grad, ego.grad, atol=1e-5, rtol=1e-4)
     B = A.clone()
     B[0, n_users] += 0.5
     with pytest.raises(ValueError, match="symmetric"):

@@ -69,6 +69,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     (["--pretrain-l2=-1e-3"], "--pretrain-l2 must be a non-negative number"),
     (["--lambda-align", "inf"], "--lambda-align must be a non-negative number"),
     (["--tau", "nan"], "--tau must be at least 0.025"),
+    (["--finetune", "network", "--finetune-lr", "attention=1e-3"], "--finetune-lr must be PART=LR"),
+    (["--finetune", "network", "--finetune-lr", "id=-1"], "--finetune-lr must be PART=LR"),
+    (["--finetune", "network", "--finetune-lr", "id"], "--finetune-lr must be PART=LR"),
+    (["--finetune-lr", "id=1e-3"], "--finetune-lr goes with --finetune network"),
+    (["--finetune", "network", "--finetune-lr", "id=0,content=0,fusion=0,free=0"], "every part frozen"),
+    (["--finetune", "network", "--model", "lightgcn"], "--model lightgcn has no pre-trained network"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
     sys.path.insert(0, str(ROOT))
@@ -201,8 +207,9 @@ def test_divergence_names_the_stage_and_bugs_keep_their_traceback(tmp_path, monk
         run_module.main(argv)
 
 
-def fake_train_run(tmp_path, monkeypatch, model, *flags):
-    """The kwargs run.py hands recommender.train, and the metrics it writes from its result."""
+def fake_train_run(tmp_path, monkeypatch, model, *flags, threads=None):
+    """The kwargs run.py hands recommender.train, and the metrics it writes from its result
+    (computed on `threads` threads, default torch's)."""
     import recommender
     import run as run_module
 
@@ -216,7 +223,12 @@ def fake_train_run(tmp_path, monkeypatch, model, *flags):
 
     monkeypatch.setattr(recommender, "train", spy)
     args = run_module.parse_args(["--data", "x", "--epochs", "1", "--pretrain-epochs", "1", *flags])
-    return seen, run_module.run(args, data, model, 0.0, str(tmp_path / "out"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return seen, run_module.run(args, data, model, 0.0, str(tmp_path / "out"))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_recommender_flags_reach_fine_tuning(tmp_path, monkeypatch):
@@ -228,6 +240,42 @@ def test_recommender_flags_reach_fine_tuning(tmp_path, monkeypatch):
     assert seen["user_init"].shape == (60, 64)
     seen, m = fake_train_run(tmp_path / "c", monkeypatch, "mmcpr")
     assert seen["model"] == "lightgcn" and seen["rescale"] is True and m["start_scale"] > 0
+
+
+def test_the_default_fine_tuning_is_the_vector_hand_off_as_before(tmp_path, monkeypatch):
+    """No --finetune: the pre-trained vectors are handed over and fine-tuned as before --finetune
+    network existed. The numbers are that code's (commit bd93cd2) on the toy set at one thread;
+    a change of the default path moves them far more than the tolerance (float rounding
+    across machines)."""
+    seen, m = fake_train_run(tmp_path, monkeypatch, "mmcpr", "--epochs", "3", "--pretrain-epochs", "2", "--l2", "1e-2",
+                             "--seed", "1", threads=1)
+    assert "layer0" not in seen and seen["user_init"].shape == (60, 64) and m["args"]["finetune"] == "vectors"
+    assert m["start_scale"] == pytest.approx(1.6200081655973688, rel=1e-5)
+    assert [h["loss"] for h in m["history"]] == pytest.approx(
+        [None, 1.1461292690700955, 1.1400504218207466, 1.153563266330295], rel=1e-5)
+    assert [h["valid_recall@20"] for h in m["history"]] == pytest.approx([0.65, 2 / 3, 2 / 3, 2 / 3])
+    assert m["test"]["recall@20"] == pytest.approx(0.6833333333333333)
+    with np.load(tmp_path / "out" / "model.npz") as z:
+        assert np.abs(z["user_emb"]).sum() == pytest.approx(709.9359741210938, rel=1e-5)
+        assert np.abs(z["item_emb"]).sum() == pytest.approx(428.4964904785156, rel=1e-5)
+
+
+def test_finetune_network_hands_the_pretrained_network_to_fine_tuning(tmp_path, monkeypatch):
+    """--finetune network: layer 0 is the pre-trained network (no vectors), its parts at --lr but the
+    IDs (a tenth), or at --finetune-lr; it starts where the vectors would, at epoch 0."""
+    import mmcpr
+
+    flags = ["--epochs", "2", "--pretrain-epochs", "2", "--l2", "1e-2", "--lr", "0.005"]
+    seen, m = fake_train_run(tmp_path / "a", monkeypatch, "mmcpr", *flags, "--finetune", "network")
+    seen = dict(seen)  # the next spy wraps this one, which would record that call too
+    _, v = fake_train_run(tmp_path / "b", monkeypatch, "mmcpr", *flags)
+    assert isinstance(seen["layer0"], mmcpr.Encoder) and "user_init" not in seen
+    assert seen["layer0"].lr == pytest.approx(dict(id=0.0005, content=0.005, fusion=0.005, free=0.005))
+    assert m["start_scale"] == v["start_scale"] and m["history"][0] == v["history"][0]
+    assert m["history"][2]["loss"] != v["history"][2]["loss"]  # one step an epoch: epoch 1 logs the start's loss
+    seen, m = fake_train_run(tmp_path / "c", monkeypatch, "mmcpr", *flags, "--finetune", "network",
+                             "--finetune-lr", "content=0,free=1e-2")
+    assert seen["layer0"].lr == pytest.approx(dict(id=0.0005, content=0.0, fusion=0.005, free=1e-2))
 
 
 def test_demo_runs_the_three_models_side_by_side(tmp_path, monkeypatch, capsys):

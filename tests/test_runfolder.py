@@ -73,6 +73,26 @@ def test_run_resumes_where_it_stopped_to_the_same_metrics(reference, tmp_path, c
     assert sorted(os.listdir(out)) == ["metrics.json", "model.npz", "pretrained.npz", "recommendations.tsv"]  # no progress
 
 
+@pytest.mark.parametrize("where", ["pre-training", "fine-tuning"])
+def test_a_network_fine_tuning_resumes_to_the_same_metrics(toy, tmp_path, capsys, where):
+    """--finetune network: the pre-trained network comes back from progress/pretrain.npz, the
+    fine-tuning's from its checkpoint; the new items' head is fitted from the kept model as before."""
+    flags = ["--data", str(toy[0]), "--pretrain-epochs", "3", "--epochs", "5", "--patience", "5", "--l2", "1e-2",
+             "--cold-items", "0.25", "--topk", "20", "--checkpoint-every", "0", "--finetune", "network",
+             "--lr", "3e-2", "--finetune-lr", "content=3e-3,free=1e-3"]
+    args, data = run_module.parse_args(flags), dataset.load_mmrec(str(toy[0]), cold_items=0.25, log=quiet)
+    run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "reference"))
+    want = comparable(tmp_path / "reference")
+    assert want["cold"]["test"]["recall@20"] > 0 and want["best_epoch"] > 0
+    out, prog = tmp_path / "out", tmp_path / "out" / "progress"
+    stop = stop_once(after=2) if where == "pre-training" else stop_once(lambda: (prog / "pretrain.npz").exists(), after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run(args, data, "mmcpr", 0.0, str(out), stop=stop)
+    assert ("pretrain.pt" if where == "pre-training" else "finetune-0.01.pt") in os.listdir(prog)
+    run_module.run(args, data, "mmcpr", 0.0, str(out))
+    assert comparable(out) == want
+
+
 @pytest.mark.parametrize("name", ["finetune-0.1.pt", "finetune-0.001.npz"])
 def test_a_half_written_progress_file_is_one_line_then_the_same_result(reference, tmp_path, capsys, name):
     args, data, want = reference
