@@ -334,7 +334,8 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     all): the catalogue known at training time, the only items drawn as
     negatives and ranked; new items (the cold-start split) are left out.
     Returns dict(best_epoch, valid, test, scale (of the start, or None),
-    user_emb, item_emb (the final embeddings that scored), epoch_seconds,
+    user_emb, item_emb (the final embeddings that scored), ego (the layer-0
+    table [n_users + n_items, d] they were propagated from), epoch_seconds,
     eval_seconds, history).
 
     checkpoint (a file path): resume from it where it exists and is readable,
@@ -440,5 +441,5 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     test_m = evaluate(ev_test)
     user_emb, item_emb = net.embeddings()
     return dict(best_epoch=best_epoch, valid=best, test=test_m, scale=scale,
-                user_emb=user_emb.cpu().numpy(), item_emb=item_emb.cpu().numpy(),
+                user_emb=user_emb.cpu().numpy(), item_emb=item_emb.cpu().numpy(), ego=best_state.cpu().numpy(),
                 epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, history=history)
