@@ -6,17 +6,24 @@ k = 0..K of e_u^(k), where layer 1 is the normalised sum of the user's items' la
 embeddings, layer 2 that of their layer-1 embeddings, and so on. Everything but the user's
 own layer 0 follows from the history and the trained item side, so a new user is placed by
 the propagation itself; their co-interaction neighbours among the trained users (the
-paper's user graph) add what the trained users learned in their own layer 0:
+paper's user graph) may add what the trained users learned in their own layer 0; and an
+item-to-item term over the trained pairs, blended in at the score, adds the items the
+history co-occurs with, which a few items' embeddings average away:
 
     propagation_items   G [I, d]: the new user's final embedding, less its layer 0,
                         is |H|^-1/2 sum_{i in H} G_i (H: the history)
     neighbours          N: the count-weighted mean of the final embeddings of the k trained
                         users who share the most items with the history
     user_vectors        v = p / |p| + beta n / |n|, scored against the trained item_emb
+    item_knn            k_u(i) = sum_{j in H} c_ij / (c_i c_j)^(alpha / 2), c: co-interaction
+                        counts over the trained pairs (alpha 1: ItemKNN's cosine)
+    scores              s_u(i) = v_u . e_i / sd_u + gamma k_u(i) / sd'_u, each term divided
+                        by its spread over the ranked items (so gamma is a share, not a scale)
     anchors             popularity and ItemKNN on the same users and histories
-    fit                 a run's: beta chosen on the new users' valid pairs (--cold-users),
-                        or without them on pseudo-new users; test reported, never chosen on
-    served_vectors      the same vectors from model.npz's arrays (serve.py)
+    fit                 a run's: alpha, beta, gamma chosen on the new users' valid pairs
+                        (--cold-users), or without them on pseudo-new users; test is reported,
+                        never chosen on
+    served_scores       the same scores from model.npz's arrays (serve.py)
 
 Vectorised over users and pairs: no Python loop over users, items or interactions.
 Imports recommender.py (its Evaluator and the LightGCN adjacency) and nothing else of the project.
@@ -30,6 +37,8 @@ import torch.nn.functional as F
 import recommender
 
 BETA = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the neighbours' weights, chosen on valid
+ALPHA = (0.0, 0.25, 0.5, 1.0)  # the item-to-item term's popularity damping, chosen on valid
+GAMMA = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the item-to-item term's weight, chosen on valid
 KNN = 50  # trained neighbours a new user's n averages
 PSEUDO = 0.1  # without --cold-users: the share of the trained users that stand in for new ones
 
@@ -115,37 +124,59 @@ def local(users, pairs):
 
 
 @quiet
-def anchors(history, targets, n_new, train_pairs, n_items, ks, candidates=None, device="cpu"):
-    """{name: {split: metrics}} of the two anchors on the same users and histories: popularity
-    (the trained pairs' item counts) and ItemKNN (cosine between items over the trained pairs,
-    a user's score of i the sum over their history of cos(j, i)). targets: {split: local pairs}."""
+def item_knn(history, n_new, train_pairs, n_items, alpha):
+    """K [n_new, n_items] float32: k_u(i) = sum_{j in H_u} c_ij / (c_i c_j)^(alpha / 2), with c_ij the
+    number of trained users who gave both i and j, c_i those who gave i (at least 1). alpha 1 is
+    ItemKNN's cosine, 0 the raw co-interaction counts. Two sparse products, H D Rᵀ then R D."""
     users, items = (np.asarray(a, np.int64) for a in train_pairs)
     key = np.unique(users * n_items + items)
-    count = np.bincount(key % n_items, minlength=n_items).astype(np.float32)
     R = _sparse(key // n_items, key % n_items, (int(users.max()) + 1, n_items))
-    Rn = R * torch.as_tensor(1 / np.sqrt(np.maximum(count, 1)))[None, :]  # columns to unit length
-    H = _sparse(*history, (n_new, n_items))
-    knn = torch.sparse.mm(Rn.t(), torch.sparse.mm(H, Rn.t()).to_dense().t()).t().contiguous()  # [n, I] H Rnᵀ Rn
-    score = dict(popularity=(torch.ones(n_new, 1), torch.as_tensor(count)[:, None]),
-                 itemknn=(knn, torch.eye(n_items)))
-    out = {}
-    for s, target in targets.items():
-        ev = recommender.Evaluator(n_items, history, target, ks, device=device, candidates=candidates)
-        for name, (u, i) in score.items():
-            out.setdefault(name, {})[s] = ev.evaluate(u.to(device), i.to(device))
-    return out
+    damp = torch.as_tensor(np.maximum(np.bincount(key % n_items, minlength=n_items), 1) ** (-alpha / 2),
+                           dtype=torch.float32)
+    HR = torch.sparse.mm(_sparse(*history, (n_new, n_items)) * damp[None, :], R.t()).to_dense()  # [n, U]
+    return torch.sparse.mm(R.t(), HR.t().contiguous()).t() * damp[None, :]  # [n, I]
+
+
+def scores(v, item_emb, K=None, gamma=0.0, candidates=None):
+    """(S [n, I], user_vec [n, d], knn_weight [n]): s_u(i) = user_vec_u . e_i + knn_weight_u K_u(i), with
+    user_vec = v / sd_u and knn_weight = gamma / sd'_u, sd_u and sd'_u the spreads of v_u . e_i and of
+    K_u(i) over the ranked items (candidates, default all; at least 1e-12)."""
+    item_emb = torch.as_tensor(item_emb)
+    cand = slice(None) if candidates is None else torch.as_tensor(np.asarray(candidates, np.int64))
+    sd = lambda x: x[:, cand].std(1, keepdim=True).clamp_min(1e-12)
+    dot = v @ item_emb.T
+    user_vec = v / sd(dot)
+    if not gamma:
+        return user_vec @ item_emb.T, user_vec, torch.zeros(len(v))
+    w = gamma / sd(K)
+    return user_vec @ item_emb.T + w * K, user_vec, w[:, 0]
+
+
+def anchors(history, evs, n_new, train_pairs, n_items, alpha):
+    """{name: {split: metrics}} of the anchors on the same users and histories (evs: {split: Evaluator}
+    over those users' local rows): popularity (the trained pairs' item counts), ItemKNN (item_knn with
+    alpha 1, the cosine: a user's score of i the sum over their history of cos(j, i)) and ItemKNN at
+    the alpha valid chose for the method (itemknn_tuned), a stronger anchor where popular items
+    matter."""
+    users, items = (np.asarray(a, np.int64) for a in train_pairs)
+    count = torch.as_tensor(np.bincount(np.unique(users * n_items + items) % n_items, minlength=n_items),
+                            dtype=torch.float32)
+    S = dict(popularity=count[None, :].expand(n_new, -1), itemknn=item_knn(history, n_new, train_pairs, n_items, 1.0),
+             itemknn_tuned=item_knn(history, n_new, train_pairs, n_items, alpha))
+    return {name: {s: ev.evaluate_scores(x) for s, ev in evs.items()} for name, x in S.items()}
 
 
 def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None, valid=None, split_seed=0,
         device="cpu", log=print):
     """The new-user method of a run: res is recommender.train's result for the kept model
     (user_emb, item_emb, ego), layers its LightGCN depth (0: MF). cold: data's cold_users (the
-    new users: history, valid, test) or None. beta is chosen on valid Recall@20 of the new users
-    (cold), else of pseudo-new users: a share PSEUDO of the users with valid pairs, drawn by
-    split_seed, their training pairs as history, their valid pairs as targets, the others' pairs
-    as the neighbours' pool (their embeddings and the items' were trained on them too: this
-    chooses, it reports nothing). Test is never read to choose. Returns (the metrics entry,
-    model.npz's newuser_* arrays)."""
+    new users: history, valid, test) or None. On valid Recall@20, one after the other: alpha (the
+    item-to-item term alone), beta (the vector alone), then gamma (the blend, 0 among the choices).
+    Valid is the new users' (cold), else pseudo-new users': a share PSEUDO of the users with valid
+    pairs, drawn by split_seed, their training pairs as history, their valid pairs as targets, the
+    others' pairs as the neighbours' and the item-to-item term's (the items' embeddings were
+    trained on their pairs too: this chooses, it reports nothing). Test is never read to choose.
+    Returns (the metrics entry, model.npz's newuser_* arrays)."""
     G = propagation_items(res["ego"], n_users, train_pairs, layers)
     if cold is not None:
         users, history, pool = cold["users"], cold["history"], train_pairs
@@ -161,30 +192,50 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
         entry = dict(chosen_on=f"pseudo-new users: {len(users)} of the trained users, their training pairs the "
                                "history, their valid pairs the targets")
     n, hist = len(users), local(users, history)
-    tgt = {s: local(users, t) for s, t in targets.items()}
-    item_emb = torch.as_tensor(res["item_emb"]).to(device)
-    evs = {s: recommender.Evaluator(n_items, hist, t, ks, device=device, candidates=candidates) for s, t in tgt.items()}
+    item_emb = torch.as_tensor(res["item_emb"])
+    evs = {s: recommender.Evaluator(n_items, hist, local(users, t), ks, candidates=candidates)
+           for s, t in targets.items()}
+    recall = lambda S: evs["valid"].evaluate_scores(S)["recall@20"]
+    K = {a: item_knn(hist, n, pool, n_items, a) for a in ALPHA}
+    alpha_grid = {a: recall(k) for a, k in K.items()}
+    alpha = max(alpha_grid, key=alpha_grid.get)  # on a tie the first
     p, nb = user_vectors(hist, n, G), F.normalize(neighbours(hist, n, res["user_emb"], pool, n_items), dim=1)
-    grid = {b: evs["valid"].evaluate((p + b * nb if b else p).to(device), item_emb)["recall@20"] for b in BETA}
-    beta = max(grid, key=grid.get)  # on a tie the smaller weight
-    log("new users, valid recall@20 by neighbour weight: " + ", ".join(f"{k:g}: {r:.4f}" for k, r in grid.items())
-        + f"; kept {beta:g}")
-    entry.update(beta=beta, beta_grid={f"{k:g}": r for k, r in grid.items()}, knn=KNN)
-    if cold is not None:  # the vectors serving computes, from the arrays model.npz keeps
-        v = user_vectors(hist, n, G, beta, res["user_emb"], pool).to(device)
-        entry.update({s: ev.evaluate(v, item_emb) for s, ev in evs.items()},
-                     anchors=anchors(hist, tgt, n, pool, n_items, ks, candidates, device))
+    beta_grid = {b: evs["valid"].evaluate((p + b * nb if b else p), item_emb)["recall@20"] for b in BETA}
+    beta = max(beta_grid, key=beta_grid.get)
+    v = p + beta * nb if beta else p
+    gamma_grid = {g: recall(scores(v, item_emb, K[alpha], g, candidates)[0]) for g in GAMMA}
+    gamma = max(gamma_grid, key=gamma_grid.get)
+    show = lambda grid: ", ".join(f"{k:g}: {r:.4f}" for k, r in grid.items())
+    log(f"new users, valid recall@20 by the item-to-item term's damping alpha: {show(alpha_grid)}; kept {alpha:g}; "
+        f"by neighbour weight beta: {show(beta_grid)}; kept {beta:g}; by blend weight gamma: {show(gamma_grid)}; "
+        f"kept {gamma:g}")
+    entry.update(alpha=alpha, beta=beta, gamma=gamma, knn=KNN, **{f"{k}_grid": {f"{x:g}": r for x, r in g.items()}
+                 for k, g in (("alpha", alpha_grid), ("beta", beta_grid), ("gamma", gamma_grid))})
+    if cold is not None:  # the scores serving computes, from the arrays model.npz keeps
+        S = served_scores(dict(newuser_items=G, newuser_beta=beta, newuser_knn=KNN, newuser_alpha=alpha,
+                               newuser_gamma=gamma, newuser_train_users=pool[0], newuser_train_items=pool[1],
+                               user_emb=res["user_emb"], item_emb=res["item_emb"], ranked_items=candidates),
+                          hist, n)[0]
+        entry.update({s: ev.evaluate_scores(S) for s, ev in evs.items()},
+                     anchors=anchors(hist, evs, n, pool, n_items, alpha))
     arrays = dict(newuser_items=G, newuser_beta=np.float64(beta), newuser_knn=np.int64(KNN),
+                  newuser_alpha=np.float64(alpha), newuser_gamma=np.float64(gamma),
                   newuser_train_users=np.asarray(train_pairs[0], np.int64),
                   newuser_train_items=np.asarray(train_pairs[1], np.int64))
     return entry, arrays
 
 
-ARRAYS = ("newuser_items", "newuser_beta", "newuser_knn", "newuser_train_users", "newuser_train_items")
+ARRAYS = ("newuser_items", "newuser_beta", "newuser_knn", "newuser_alpha", "newuser_gamma", "newuser_train_users",
+          "newuser_train_items")
 
 
-def served_vectors(m, history, n_new):
-    """v [n_new, d] from model.npz's arrays m for new users' histories (rows 0..n_new-1, item rows):
-    the vectors fit scored the --cold-users users with, score = v . item_emb."""
-    return user_vectors(history, n_new, m["newuser_items"], float(m["newuser_beta"]), m["user_emb"],
-                        (m["newuser_train_users"], m["newuser_train_items"]), int(m["newuser_knn"]))
+def served_scores(m, history, n_new):
+    """(S [n_new, I], user_vec [n_new, d], knn_weight [n_new]) from model.npz's arrays m for new users'
+    histories (rows 0..n_new-1, item rows): the scores fit reported for the --cold-users users,
+    s_u(i) = user_vec_u . item_emb[i] + knn_weight_u k_u(i) (scores, item_knn, user_vectors)."""
+    pairs = (m["newuser_train_users"], m["newuser_train_items"])
+    v = user_vectors(history, n_new, m["newuser_items"], float(m["newuser_beta"]), m["user_emb"], pairs,
+                     int(m["newuser_knn"]))
+    gamma = float(m["newuser_gamma"])
+    K = item_knn(history, n_new, pairs, len(m["item_emb"]), float(m["newuser_alpha"])) if gamma else None
+    return scores(v, m["item_emb"], K, gamma, m["ranked_items"])

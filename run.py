@@ -383,7 +383,8 @@ def report(metrics, out):
     if users:
         a = users["anchors"]
         print(f"new users ({len(users['users'])}, never trained), test recall@20: {users['test']['recall@20']:.4f}; "
-              f"popularity {a['popularity']['test']['recall@20']:.4f}, itemknn {a['itemknn']['test']['recall@20']:.4f}")
+              + ", ".join(f"{k} {a[k]['test']['recall@20']:.4f}" for k in ("popularity", "itemknn", "itemknn_tuned"))
+              + f" (alpha {users['alpha']:g})")
 
 
 def load(args, folder):

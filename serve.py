@@ -111,8 +111,11 @@ def serve_users(run_dir, path, k=20, device="cpu", log=print):
     (read_new_users) with its new-user method (newusers.py). Returns the outputs for
     runfolder.write_atomic: recommendations.tsv (each new user's top k of the ranked items they
     have not given, the columns of a run's) and new_users.npz: user_ids [n] str, user_vec [n, d]
-    float32, v = p / |p| + beta n / |n| with p = |H|^-1/2 sum_{i in H} newuser_items[i] and n the
-    neighbours' mean (newusers.neighbours); a new user's score of item i is v . item_emb[i]."""
+    and knn_weight [n] float32, the parts of a new user's score of item i,
+        s_u(i) = user_vec_u . item_emb[i] + knn_weight_u sum_{j in H_u} c_ij / (c_i c_j)^(alpha / 2),
+    user_vec = (p / |p| + beta n / |n|) / sd_u, p = |H_u|^-1/2 sum_{j in H_u} newuser_items[j], n the
+    trained neighbours' mean, c the co-interaction counts of model.npz's newuser_train_* pairs and
+    alpha, beta its newuser_alpha, newuser_beta (newusers.served_scores); knn_weight 0: a dot product."""
     m = runfolder.load_run(run_dir)
     missing = [a for a in newusers.ARRAYS if a not in m]
     if missing:
@@ -121,11 +124,23 @@ def serve_users(run_dir, path, k=20, device="cpu", log=print):
     rankable = np.full(len(m["item_ids"]), "", dtype=m["item_ids"].dtype)
     rankable[m["ranked_items"]] = m["item_ids"][m["ranked_items"]]  # a new item of --cold-items is not given
     ids, history = read_new_users(path, m["user_ids"][m["ranked_users"]], rankable)
-    v = newusers.served_vectors(m, history, len(ids))
-    rows = np.arange(len(ids))
-    top, scores = recommender.recommend(v.to(device), torch.as_tensor(m["item_emb"], device=device), rows, history, k,
-                                        m["ranked_items"])
+    S, user_vec, knn_weight = newusers.served_scores(m, history, len(ids))
+    top, scores = top_k(S, history, k, m["ranked_items"])
     log(f"served {len(ids)} new users from {len(history[0])} history pairs")
-    tsv = runfolder.recommendations_tsv(ids, m["item_ids"], rows, top, scores)
+    tsv = runfolder.recommendations_tsv(ids, m["item_ids"], np.arange(len(ids)), top, scores)
     return {"recommendations.tsv": lambda f: f.write(tsv),
-            "new_users.npz": lambda f: np.savez(f, user_ids=ids, user_vec=v.numpy())}
+            "new_users.npz": lambda f: np.savez(f, user_ids=ids, user_vec=user_vec.numpy(),
+                                                knn_weight=knn_weight.numpy())}
+
+
+def top_k(S, known, k, candidates):
+    """(items [n, k] int64, scores [n, k] float32): each row's top k of S [n, I] among `candidates`
+    (item ids), best first, without its known (rows, items) pairs; -1 and -inf past the end."""
+    cand = torch.as_tensor(np.asarray(candidates, np.int64))
+    col = np.full(S.shape[1], -1)
+    col[candidates] = np.arange(len(candidates))
+    S = S[:, cand]  # a copy
+    r, c = np.asarray(known[0]), col[np.asarray(known[1])]
+    S[torch.as_tensor(r[c >= 0]), torch.as_tensor(c[c >= 0])] = -torch.inf
+    s, j = S.topk(min(k, len(cand)), dim=1)
+    return torch.where(s == -torch.inf, -1, cand[j]).numpy(), s.numpy()

@@ -75,17 +75,37 @@ def test_neighbours_weigh_trained_users_by_items_in_common():
                                rtol=1e-6)
 
 
-def test_anchors_by_hand():
-    """Popularity ranks by training count; ItemKNN by the summed cosine to the history."""
-    train = (np.array([0, 0, 1, 1, 2]), np.array([0, 1, 0, 1, 2]))  # items 0, 1 always together; item 2 alone
-    hist = (np.array([0]), np.array([2]))
-    out = newusers.anchors(hist, dict(test=(np.array([0, 0]), np.array([3, 0]))), 1, train, 5, (1, 2))
-    assert out["popularity"]["test"]["recall@1"] == 0  # items 0 and 1 tie at 2: ties count against the item
-    assert out["popularity"]["test"]["recall@2"] == 0.5  # item 0 is in the top 2, item 3 (no pair) is not
-    assert out["itemknn"]["test"]["recall@2"] == 0  # item 2's only neighbour is itself: every score 0, all tie
+def test_anchors_and_the_item_to_item_term_by_hand():
+    """Popularity ranks by training count; ItemKNN by the summed cosine to the history; alpha damps
+    popular items: c_ij / (c_i c_j)^(alpha / 2)."""
+    train = (np.array([0, 0, 1, 1, 2, 3, 3]), np.array([0, 1, 0, 1, 2, 1, 3]))  # c: 2, 3, 1, 1 (item 4: none)
     hist = (np.array([0]), np.array([1]))
-    out = newusers.anchors(hist, dict(test=(np.array([0]), np.array([0]))), 1, train, 5, (1,))
-    assert out["itemknn"]["test"]["recall@1"] == 1  # cos(1, 0) = 1, every other score 0
+    K = newusers.item_knn(hist, 1, train, 5, 1.0)
+    np.testing.assert_allclose(K[0].numpy(), [2 / np.sqrt(6), 3 / 3, 0, 1 / np.sqrt(3), 0], rtol=1e-6)
+    K = newusers.item_knn(hist, 1, train, 5, 0.0)  # raw counts
+    np.testing.assert_array_equal(K[0].numpy(), [2, 3, 0, 1, 0])
+    K = newusers.item_knn(hist, 1, train, 5, 0.5)
+    np.testing.assert_allclose(K[0].numpy(), [2 / 6 ** 0.25, 3 / 9 ** 0.25, 0, 1 / 3 ** 0.25, 0], rtol=1e-6)
+    evs = dict(test=rec.Evaluator(5, hist, (np.array([0, 0]), np.array([3, 4])), (1, 2)))
+    out = newusers.anchors(hist, evs, 1, train, 5, 0.0)
+    assert out["popularity"]["test"]["recall@1"] == 0  # item 0 (count 2) first; item 1 is the history
+    assert out["popularity"]["test"]["recall@2"] == 0  # items 2, 3 tie at 1: ties count against the item
+    assert out["itemknn"]["test"]["recall@2"] == 0.5  # cosines: item 0 0.82, item 3 0.58, item 4 0
+    assert out["itemknn_tuned"]["test"]["recall@2"] == 0.5  # counts: item 0 2, item 3 1
+
+
+def test_the_blend_divides_each_term_by_its_spread():
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    E = np.array([[1, 0], [0, 1], [2, 2]], np.float32)
+    K = torch.tensor([[0.0, 3.0, 6.0], [1.0, 1.0, 1.0]])
+    S, user_vec, w = newusers.scores(v, E, K, 0.5)
+    dot = v @ torch.as_tensor(E).T
+    sd = dot.std(1, keepdim=True)
+    np.testing.assert_allclose(user_vec.numpy(), (v / sd).numpy())
+    np.testing.assert_allclose(w.numpy(), [0.5 / 3.0, 0.5 / 1e-12], rtol=1e-6)  # a constant row: sd floored
+    np.testing.assert_allclose(S.numpy(), (dot / sd + w[:, None] * K).numpy(), rtol=1e-6)
+    S0, _, w0 = newusers.scores(v, E)
+    np.testing.assert_allclose(S0.numpy(), (dot / sd).numpy(), rtol=1e-6) and np.testing.assert_array_equal(w0, 0)
 
 
 def test_cold_users_split_follows_the_protocol(tmp_path):
@@ -133,8 +153,10 @@ def test_metrics_entry_leaves_the_new_users_out_of_training(cold_run):
     c = m["cold_users"]
     assert c["users"] == d["cold_users"]["users"].tolist() and m["new_users"] is None
     assert c["chosen_on"] == "the new users' valid pairs" and c["beta"] in newusers.BETA
-    assert c["beta_grid"][f"{c['beta']:g}"] == c["valid"]["recall@20"] == max(c["beta_grid"].values())
-    assert set(c["anchors"]) == {"popularity", "itemknn"} and "test" in c["anchors"]["itemknn"]
+    assert c["gamma_grid"][f"{c['gamma']:g}"] == c["valid"]["recall@20"] == max(c["gamma_grid"].values())
+    assert c["alpha_grid"][f"{c['alpha']:g}"] == max(c["alpha_grid"].values())
+    assert c["anchors"]["itemknn_tuned"]["valid"]["recall@20"] == c["alpha_grid"][f"{c['alpha']:g}"]
+    assert set(c["anchors"]) == {"popularity", "itemknn", "itemknn_tuned"} and "test" in c["anchors"]["itemknn"]
     assert not np.isin(z["ranked_users"], c["users"]).any()  # never trained, never in the run's lists
     assert m["n_train"] == len(d["train"][0]) and not np.isin(d["valid"][0], c["users"]).any()
     np.testing.assert_array_equal(z["newuser_train_users"], d["train"][0])
@@ -161,7 +183,11 @@ def test_serving_the_new_users_reproduces_their_test_recall(cold_run, tmp_path):
         assert sorted(n["user_ids"].tolist()) == sorted(z["user_ids"][c["users"]].tolist())
         row = {u: k for k, u in enumerate(n["user_ids"])}
         item = {i: k for k, i in enumerate(z["item_ids"])}
-        got = [n["user_vec"][row[u]] @ z["item_emb"][item[i]] for u, i, _, _ in rows]  # score = user_vec . item_emb
+        K = newusers.item_knn(newusers.local(c["users"], c["history"]), len(c["users"]),
+                              (z["newuser_train_users"], z["newuser_train_items"]), len(item), float(z["newuser_alpha"]))
+        order = np.argsort(z["user_ids"][c["users"]])  # the served rows: ids in sorted order
+        got = [n["user_vec"][row[u]] @ z["item_emb"][item[i]] + n["knn_weight"][row[u]] * K[order[row[u]], item[i]].item()
+               for u, i, _, _ in rows]  # the formula, by hand
         np.testing.assert_allclose(got, [s for _, _, _, s in rows], rtol=1e-5, atol=1e-5)
 
 
