@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import recommender
 
-BETA = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the neighbours' weights, chosen on valid
+BETA = (0.0, 0.25, 0.5, 1.0, 2.0)  # the neighbours' weights, chosen on valid
 ALPHA = (0.0, 0.25, 0.5, 1.0)  # the item-to-item term's popularity damping, chosen on valid
 GAMMA = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the item-to-item term's weight, chosen on valid
 KNN = 50  # trained neighbours a new user's n averages
@@ -171,7 +171,7 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     """The new-user method of a run: res is recommender.train's result for the kept model
     (user_emb, item_emb, ego), layers its LightGCN depth (0: MF). cold: data's cold_users (the
     new users: history, valid, test) or None. On valid Recall@20, one after the other: alpha (the
-    item-to-item term alone), beta (the vector alone), then gamma (the blend, 0 among the choices).
+    item-to-item term alone), then beta and gamma together (the blend; 0 among the choices of both).
     Valid is the new users' (cold), else pseudo-new users': a share PSEUDO of the users with valid
     pairs, drawn by split_seed, their training pairs as history, their valid pairs as targets, the
     others' pairs as the neighbours' and the item-to-item term's (the items' embeddings were
@@ -200,17 +200,15 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     alpha_grid = {a: recall(k) for a, k in K.items()}
     alpha = max(alpha_grid, key=alpha_grid.get)  # on a tie the first
     p, nb = user_vectors(hist, n, G), F.normalize(neighbours(hist, n, res["user_emb"], pool, n_items), dim=1)
-    beta_grid = {b: evs["valid"].evaluate((p + b * nb if b else p), item_emb)["recall@20"] for b in BETA}
-    beta = max(beta_grid, key=beta_grid.get)
-    v = p + beta * nb if beta else p
-    gamma_grid = {g: recall(scores(v, item_emb, K[alpha], g, candidates)[0]) for g in GAMMA}
-    gamma = max(gamma_grid, key=gamma_grid.get)
+    grid = {(b, g): recall(scores(p + b * nb if b else p, item_emb, K[alpha], g, candidates)[0])
+            for b in BETA for g in GAMMA}
+    beta, gamma = max(grid, key=grid.get)  # on a tie the first: the smaller weights
     show = lambda grid: ", ".join(f"{k:g}: {r:.4f}" for k, r in grid.items())
     log(f"new users, valid recall@20 by the item-to-item term's damping alpha: {show(alpha_grid)}; kept {alpha:g}; "
-        f"by neighbour weight beta: {show(beta_grid)}; kept {beta:g}; by blend weight gamma: {show(gamma_grid)}; "
-        f"kept {gamma:g}")
-    entry.update(alpha=alpha, beta=beta, gamma=gamma, knn=KNN, **{f"{k}_grid": {f"{x:g}": r for x, r in g.items()}
-                 for k, g in (("alpha", alpha_grid), ("beta", beta_grid), ("gamma", gamma_grid))})
+        f"by (neighbour weight beta, blend weight gamma): best {grid[beta, gamma]:.4f} at ({beta:g}, {gamma:g}), "
+        f"the vector alone (0, 0) {grid[0.0, 0.0]:.4f}")
+    entry.update(alpha=alpha, beta=beta, gamma=gamma, knn=KNN, alpha_grid={f"{x:g}": r for x, r in alpha_grid.items()},
+                 beta_gamma_grid={f"{b:g},{g:g}": r for (b, g), r in grid.items()})
     if cold is not None:  # the scores serving computes, from the arrays model.npz keeps
         S = served_scores(dict(newuser_items=G, newuser_beta=beta, newuser_knn=KNN, newuser_alpha=alpha,
                                newuser_gamma=gamma, newuser_train_users=pool[0], newuser_train_items=pool[1],

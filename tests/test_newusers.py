@@ -153,7 +153,8 @@ def test_metrics_entry_leaves_the_new_users_out_of_training(cold_run):
     c = m["cold_users"]
     assert c["users"] == d["cold_users"]["users"].tolist() and m["new_users"] is None
     assert c["chosen_on"] == "the new users' valid pairs" and c["beta"] in newusers.BETA
-    assert c["gamma_grid"][f"{c['gamma']:g}"] == c["valid"]["recall@20"] == max(c["gamma_grid"].values())
+    assert c["beta_gamma_grid"][f"{c['beta']:g},{c['gamma']:g}"] == c["valid"]["recall@20"]
+    assert c["valid"]["recall@20"] == max(c["beta_gamma_grid"].values()) and c["gamma"] in newusers.GAMMA
     assert c["alpha_grid"][f"{c['alpha']:g}"] == max(c["alpha_grid"].values())
     assert c["anchors"]["itemknn_tuned"]["valid"]["recall@20"] == c["alpha_grid"][f"{c['alpha']:g}"]
     assert set(c["anchors"]) == {"popularity", "itemknn", "itemknn_tuned"} and "test" in c["anchors"]["itemknn"]
