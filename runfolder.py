@@ -30,6 +30,10 @@ and, where there is a content head:
                                        --start best possibly 'scratch' where the kept model is the other
     tag_<b> [k]                        str, the columns of tag block b (raw data)
     encoder_text, encoder_image, precision   str, how the catalogue was encoded ('' : the packaged model)
+and, in every run, what places a new user from their history (newusers.py, serve.serve_users):
+    newuser_items [I, d]               float32, LightGCN's propagation of a history: p = |H|^-1/2 sum_H G_i
+    newuser_train_users, newuser_train_items   int64, the training pairs (neighbours, item-to-item counts)
+    newuser_alpha, newuser_beta, newuser_gamma, newuser_knn   the method's settings, chosen on valid
 """
 import hashlib
 import json
