@@ -177,7 +177,11 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     others' pairs as the neighbours' and the item-to-item term's (the items' embeddings were
     trained on their pairs too: this chooses, it reports nothing). Test is never read to choose.
     Returns (the metrics entry, model.npz's newuser_* arrays)."""
-    G = propagation_items(res["ego"], n_users, train_pairs, layers)
+    if "ego" in res:
+        G = propagation_items(res["ego"], n_users, train_pairs, layers)
+    else:  # a fine-tuning finished by code older than the ego (a resumed run): its final embeddings, MF's formula
+        log("new users: the kept model has no layer-0 table; the history is propagated from the final embeddings")
+        G = propagation_items(np.concatenate([res["user_emb"], res["item_emb"]]), n_users, train_pairs, 0)
     if cold is not None:
         users, history, pool = cold["users"], cold["history"], train_pairs
         targets = {s: cold[s] for s in ("valid", "test")}
