@@ -14,7 +14,8 @@ Baby, Sports, Clothing) they arrive as
 
 load_mmrec(folder) checks the folder strictly and returns the warm split as
 given; load_mmrec(folder, cold_items=F) also holds out a share F of the items as
-new items, with every pair of theirs (ColdRec's item cold-start split). A raw
+new items, with every pair of theirs (ColdRec's item cold-start split), and
+cold_users=F a share F of the users as new users, who leave training entirely. A raw
 folder (reviews, metadata, images) is converted into this layout by features.py.
 
 Any problem with the input raises DataError with one line that names the file.
@@ -86,7 +87,7 @@ def read_feat(path, n_rows, what):
     return x
 
 
-def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
+def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print, cold_users=0.0):
     """Load an MMRec-layout folder.
 
     Returns a dict: name, n_users, n_items, train/valid/test as (users, items)
@@ -104,6 +105,16 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
     content. cold = dict(valid_items, test_items: sorted int64 item ids,
     valid, test: (users, items), their pairs of users with a training pair).
 
+    cold_users F > 0: new users, who arrive after training with a few interactions.
+    The users with a training pair (after the new items leave) are ordered by
+    np.random.default_rng([split_seed, 1]).permutation (a draw of its own: the same
+    split seed draws the new items too); the first c = round(F n) are new users. Every
+    pair of theirs leaves train/valid/test, and their pairs with new items are dropped
+    (a new user meeting a new item is neither task). cold_users (the returned
+    key): None, or dict(users:
+    sorted int64 ids, history: (users, items), their training-split pairs, seen only
+    at ranking time; valid, test: (users, items), their held-out pairs).
+
     item_tags {block: float32 [n_items, k]}: the multi-hot <block>_tag.npy
     files (features.convert_raw writes category and year), empty blocks left out.
 
@@ -118,6 +129,8 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
         raise DataError(f"{folder}: no such folder")
     if not 0 <= cold_items < 1:
         raise DataError(f"cold_items must be in [0, 1), got {cold_items}")
+    if not 0 <= cold_users < 1:
+        raise DataError(f"cold_users must be in [0, 1), got {cold_users}")
     inters = sorted(glob.glob(os.path.join(folder, "*.inter")))
     if len(inters) != 1:
         found = ", ".join(os.path.basename(p) for p in inters) or "none"
@@ -156,6 +169,23 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
     has_train[parts["train"][0]] = True
     held_out = np.unique(np.concatenate([parts["valid"][0], parts["test"][0]]))
     n_cold = int((~has_train[held_out]).sum())
+    new_users = None
+    if cold_users:  # new users: drawn among those with a training pair, then out of every split
+        known = np.flatnonzero(has_train)
+        c_u = round(cold_users * len(known))
+        if c_u < 1 or c_u == len(known):
+            raise DataError(f"{name}: --cold-users {cold_users} makes {c_u} of {len(known)} users new; "
+                            "at least one must be new and one trained")
+        ids = np.sort(np.random.default_rng([split_seed, 1]).permutation(known)[:c_u])
+        is_new = np.zeros(n_users, bool)
+        is_new[ids] = True
+        new_users = dict(users=ids)
+        for s in parts:
+            u, i = parts[s]
+            new_users["history" if s == "train" else s] = (u[is_new[u]], i[is_new[u]])
+            if s != "train" and not is_new[u].any():
+                raise DataError(f"{name}: --cold-users {cold_users}: no new user has a {s} pair")
+        has_train &= ~is_new
     for j, s in enumerate(parts):
         u, i = parts[s]
         parts[s] = (u[has_train[u]], i[has_train[u]])
@@ -199,8 +229,10 @@ def load_mmrec(folder, cold_items=0.0, split_seed=0, log=print):
         + (f"; {n_cold} users with held-out items but no training items are left out of evaluation" if n_cold else "")
         + (f"; new items (split seed {split_seed}): {len(cold_sets[0])} cold-valid, {len(cold_sets[1])} cold-test, "
            f"their {int(new.sum())} pairs out of training" if cold_items else "")
+        + (f"; new users (split seed {split_seed}): {len(new_users['users'])}, their "
+           f"{len(new_users['history'][0])} training pairs a history seen only at ranking time" if cold_users else "")
         + "".join(f"; note: {n}" for n in notes))
     return dict(name=os.path.splitext(name)[0], n_users=n_users, n_items=n_items, **parts,
                 item_feats=item_feats, user_feat=user_feat, item_tags=item_tags,
                 user_ids=np.arange(n_users).astype(str), item_ids=np.arange(n_items).astype(str), n_cold=n_cold,
-                cold=cold, catalogue=catalogue, notes=notes)
+                cold=cold, cold_users=new_users, catalogue=catalogue, notes=notes)

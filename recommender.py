@@ -114,10 +114,24 @@ class Evaluator:
         if not (torch.isfinite(user_emb).all() and torch.isfinite(item_emb).all()
                 and norm(user_emb) * norm(item_emb) < torch.finfo(torch.float32).max / 2):
             raise FloatingPointError("non-finite scores: training diverged")
+        return self._metrics(lambda users: user_emb[users] @ item_emb.T)
+
+    @torch.no_grad()
+    def evaluate_scores(self, scores):
+        """The metrics of a dense score matrix [n_users, n_items] (rows: user ids, columns: item ids),
+        for scores that are no single dot product; every score must be finite."""
+        if self.candidates is not None:
+            scores = scores[:, self.candidates]
+        if not torch.isfinite(scores).all():
+            raise FloatingPointError("non-finite scores")
+        return self._metrics(lambda users: scores[users])  # indexing copies: masked in place below
+
+    def _metrics(self, score_rows):
+        """score_rows(users [P]) -> [P, n_candidates] fresh scores, one row per held-out pair."""
         total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision")}
         n_hit = torch.zeros(len(self.ks), self.n_eval, device=self.device)  # per user, for Hit@K
         for users, items, mask_rows, mask_cols, pair_user, n_rel in self.batches:
-            scores = user_emb[users] @ item_emb.T  # [P, n_items], one row per held-out pair
+            scores = score_rows(users)  # [P, n_items], one row per held-out pair
             scores[mask_rows, mask_cols] = -torch.inf  # training items are never recommended
             s = scores.gather(1, items[:, None])  # [P, 1]
             rank = scores.ge_(s).sum(1) - 1  # [P] 0-based rank, ties against the item (in place: no bool copy)
@@ -373,7 +387,8 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     all): the catalogue known at training time, the only items drawn as
     negatives and ranked; new items (the cold-start split) are left out.
     Returns dict(best_epoch, valid, test, scale (of the start, or None),
-    user_emb, item_emb (the final embeddings that scored), epoch_seconds,
+    user_emb, item_emb (the final embeddings that scored), ego (the layer-0
+    table [n_users + n_items, d] they were propagated from), epoch_seconds,
     eval_seconds (this call's: a resumed training counts its own), history).
 
     checkpoint (a file path): resume from it where it exists and is readable,
@@ -475,6 +490,8 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     net.layer0.load_state_dict(best_state)
     test_m = evaluate(ev_test)
     user_emb, item_emb = net.embeddings()
+    with torch.no_grad():
+        ego = net.layer0()  # [n_users + n_items, d] the kept layer 0 (a network's output, in --finetune network)
     return dict(best_epoch=best_epoch, valid=best, test=test_m, scale=scale,
-                user_emb=user_emb.cpu().numpy(), item_emb=item_emb.cpu().numpy(),
+                user_emb=user_emb.cpu().numpy(), item_emb=item_emb.cpu().numpy(), ego=ego.detach().cpu().numpy(),
                 epoch_seconds=epoch_seconds, eval_seconds=eval_seconds, history=history)

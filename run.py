@@ -4,6 +4,8 @@
     python run.py --data ./baby --model lightgcn  # a baseline alone: lightgcn or mf
     python run.py --data ./movielens --cold-items 0.2  # 20% of the items new: ranked by content
     python run.py --serve RUN --new-items DIR     # a finished run ranks new items (serve.py)
+    python run.py --data ./baby --cold-users 0.1  # 10% of the users new: placed from their history
+    python run.py --serve RUN --new-users FILE    # ... and serves new users from a user<TAB>item history
     python run.py                                 # offline demo on synthetic data
 
 A run reads top-down, as the paper's pipeline (run):
@@ -12,6 +14,7 @@ A run reads top-down, as the paper's pipeline (run):
     fine-tune     recommender.py: MF-BPR or LightGCN from the pre-trained start, the L2 grid
                   chosen on valid; evaluated on test at the best valid epoch
     new items     newitems.py: the content head that ranks items without pairs
+    new users     newusers.py: a user without a row placed from their history
     deliver       runfolder.py: model.npz, recommendations.tsv, metrics.json
 The method's modules never import each other; this file wires them with plain numpy arrays.
 
@@ -37,6 +40,7 @@ import data as dataset
 import features
 import mmcpr
 import newitems
+import newusers
 import recommender
 import runfolder
 import serve
@@ -54,17 +58,24 @@ def parse_args(argv=None):
     a("--out", help="output folder (default runs/<dataset>-<model>-s<seed>-<digest of the settings>; "
                     "the demo: OUT/<that name>)")
     a("--topk", default="10,20,50", help="comma-separated cut-offs K")
-    a("--recommend-k", type=int, default=20, help="recommendations.tsv: each user's top K items (--serve: new items)")
-    a("--serve", metavar="RUN", help="serve new items from the finished run folder RUN (with --new-items; writes "
-                                     "--out, default RUN/new-<DIR's name>): no training")
+    a("--recommend-k", type=int, default=20,
+      help="recommendations.tsv: each user's top K items (--serve: new items, or the new users' top K)")
+    a("--serve", metavar="RUN", help="serve new items or new users from the finished run folder RUN (with --new-items "
+                                     "or --new-users; writes --out, default RUN/new-<DIR's or FILE's name>): no training")
     a("--new-items", metavar="DIR", help="--serve: the new items, an items.jsonl or meta_<Cat>.json[l][.gz] "
                                          "(images/ beside it), or <m>_feat.npy with item_ids.txt")
+    a("--new-users", metavar="FILE", help="--serve: new users' histories, a TSV with the header user<TAB>item, one "
+                                          "row a pair, in the dataset's own ids")
     a("--fresh", action="store_true", help="discard the progress an interrupted run left in the folder; start over")
     a("--checkpoint-every", type=float, default=60.0,
       help="seconds between checkpoints within a pre-training or a fine-tuning (written at an epoch's end)")
     a("--cold-items", type=float, default=0.0,
       help="item cold start: this fraction of the items (drawn by --split-seed) is new, their pairs out of "
            "training; half are ranked for cold-valid, half for cold-test (default 0: off)")
+    a("--cold-users", type=float, default=0.0,
+      help="user cold start: this fraction of the users (drawn by --split-seed) is new, out of training; their "
+           "training pairs are a history seen at ranking time, their valid pairs choose the new-user method's "
+           "settings, their test pairs are scored (default 0: off)")
     g = p.add_argument_group("the recommender (a baseline, or MMCPR's fine-tuning)")
     g.add_argument("--recommender", choices=("mf", "lightgcn"), default="lightgcn",
                    help="the downstream model that fine-tunes MMCPR's representations")
@@ -154,8 +165,8 @@ def parse_args(argv=None):
         args.l2 = recommender.L2_GRID
     if 20 not in args.topk:
         args.topk = tuple(sorted(args.topk + (20,)))  # early stopping reads Recall@20
-    if (args.serve is None) != (args.new_items is None):
-        p.error("--serve RUN and --new-items DIR go together")
+    if (args.serve is None) != (args.new_items is None and args.new_users is None) or (args.new_items and args.new_users):
+        p.error("--serve RUN goes with one of --new-items DIR and --new-users FILE")
     if not 0 < args.head_holdout < 1:
         p.error("--head-holdout must be in (0, 1)")
     for name in ("dim", "epochs", "batch", "pretrain_batch", "align_batch", "knn", "neg", "patience", "recommend_k"):
@@ -170,6 +181,8 @@ def parse_args(argv=None):
         p.error("--id-dropout must be in [0, 1)")
     if not 0 <= args.cold_items < 1:
         p.error("--cold-items must be in [0, 1)")
+    if not 0 <= args.cold_users < 1:
+        p.error("--cold-users must be in [0, 1)")
     if not 0.025 <= args.tau < np.inf:
         p.error("--tau must be at least 0.025 (below, float32 exp underflows in the InfoNCE)")
     if not args.checkpoint_every >= 0:
@@ -372,6 +385,13 @@ def run(args, data, model, load_seconds, out, stop=None):
                                              split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
     timings["head"] = time.perf_counter() - t
 
+    t = time.perf_counter()  # new users: placed from their history by the kept model (newusers.py)
+    users_entry, users_npz = newusers.fit(data["n_users"], data["n_items"], data["train"], res,
+                                          args.ui_layers if downstream == "lightgcn" else 0, data["cold_users"],
+                                          ks=args.topk, candidates=warm, valid=data["valid"],
+                                          split_seed=args.split_seed, device=args.device)
+    timings["new_users"] = time.perf_counter() - t
+
     # The deliverables: the kept model, and each user's top K among the items ranked (never a known pair)
     t = time.perf_counter()
     known = tuple(np.concatenate([data[s][j] for s in ("train", "valid", "test")]) for j in (0, 1))
@@ -383,7 +403,8 @@ def run(args, data, model, load_seconds, out, stop=None):
     tsv = runfolder.recommendations_tsv(data["user_ids"], data["item_ids"], ranked_users, top, scores)
     timings["recommend"] = time.perf_counter() - t
     model_npz = dict(user_emb=res["user_emb"], item_emb=res["item_emb"], user_ids=data["user_ids"],
-                     item_ids=data["item_ids"], ranked_users=ranked_users, ranked_items=ranked_items, **head_npz)
+                     item_ids=data["item_ids"], ranked_users=ranked_users, ranked_items=ranked_items, **head_npz,
+                     **users_npz)
     timings["total"] = load_seconds + time.perf_counter() - t0
     metrics = dict(
         dataset=data["name"], model=model, recommender=downstream, seed=args.seed, device=args.device, **chosen,
@@ -397,6 +418,7 @@ def run(args, data, model, load_seconds, out, stop=None):
         modalities={side: list(w) for side, w in pre.get("modality_weights", dict(user={}, item={})).items()},
         modality_weights=pre.get("modality_weights"), notes=data["notes"] + pre.get("notes", []),
         cold=head_entry if data["cold"] else None, head=None if data["cold"] else head_entry,
+        cold_users=users_entry if data["cold_users"] else None, new_users=None if data["cold_users"] else users_entry,
         history=res["history"], args=vars(args) | dict(model=model),
     )
     outputs = {"metrics.json": lambda f: f.write(json.dumps(metrics, indent=1).encode()),
@@ -421,6 +443,12 @@ def report(metrics, out):
         print(f"cold-{s}".ljust(10) + "".join(f"{cold[s][f'{m}@{k}']:14.4f}" for k in ks for m in ("recall", "ndcg")))
     if cold and cold["note"]:
         print(f"new items: {cold['note']}")
+    users = metrics["cold_users"]
+    if users:
+        a = users["anchors"]
+        print(f"new users ({len(users['users'])}, never trained), test recall@20: {users['test']['recall@20']:.4f}; "
+              + ", ".join(f"{k} {a[k]['test']['recall@20']:.4f}" for k in ("popularity", "itemknn", "itemknn_tuned"))
+              + f" (alpha {users['alpha']:g})")
 
 
 def trained_on(data):
@@ -446,7 +474,8 @@ def load(args, folder):
                                           text_encoder=args.text_encoder, image_encoder=args.image_encoder,
                                           device=args.device, precision=args.precision,
                                           rebuild=args.rebuild_features, log=print) or {}
-    data = dataset.load_mmrec(folder, cold_items=args.cold_items, split_seed=args.split_seed)
+    data = dataset.load_mmrec(folder, cold_items=args.cold_items, split_seed=args.split_seed,
+                              cold_users=args.cold_users)
     data["item_tag_names"] = {}
     if features.is_raw(folder):
         data["user_ids"], data["item_ids"] = features.raw_ids(folder, data["n_users"], data["n_items"])
@@ -455,27 +484,33 @@ def load(args, folder):
     return data, time.perf_counter() - t
 
 
-def serve_new_items(args):
-    """--serve RUN --new-items DIR: a finished run ranks new items; no training. Exit status."""
-    out = args.out or os.path.join(args.serve, "new-" + os.path.basename(os.path.abspath(args.new_items)))
+def serve_run(args):
+    """--serve RUN --new-items DIR, or --new-users FILE: a finished run ranks new items, or serves
+    new users; no training. Exit status."""
+    given = args.new_items or args.new_users
+    name = os.path.basename(os.path.abspath(given))
+    out = args.out or os.path.join(args.serve, "new-" + (os.path.splitext(name)[0] if args.new_users else name))
     try:
         if os.path.exists(os.path.join(out, "model.npz")):
             raise DataError(f"--out {out} holds a run: its recommendations.tsv would be overwritten")
         runfolder.check_writable(out)
-        outputs = serve.serve(args.serve, args.new_items, args.recommend_k, args.device)
+        if args.new_users:
+            outputs = serve.serve_users(args.serve, args.new_users, args.recommend_k, args.device)
+        else:
+            outputs = serve.serve(args.serve, args.new_items, args.recommend_k, args.device)
         os.makedirs(out, exist_ok=True)
         runfolder.write_atomic(out, outputs)
     except (DataError, ImportError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"new items' recommendations and vectors in {out}/")
+    print(f"new {'users' if args.new_users else 'items'}' recommendations and vectors in {out}/")
     return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.serve:
-        return serve_new_items(args)
+        return serve_run(args)
     folder, models = args.data, [args.model]
     try:  # the user's input and set-up: a missing file or package, bad data, nowhere to write
         runfolder.check_writable(args.out or "runs")

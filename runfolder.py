@@ -34,6 +34,10 @@ and, where there is a content head:
                                        --start best possibly 'scratch' where the kept model is the other
     tag_<b> [k]                        str, the columns of tag block b (raw data)
     encoder_text, encoder_image, precision   str, how the catalogue was encoded ('' : the packaged model)
+and, in every run, what places a new user from their history (newusers.py, serve.serve_users):
+    newuser_items [I, d]               float32, LightGCN's propagation of a history: p = |H|^-1/2 sum_H G_i
+    newuser_train_users, newuser_train_items   int64, the training pairs (neighbours, item-to-item counts)
+    newuser_alpha, newuser_beta, newuser_gamma, newuser_knn   the method's settings, chosen on valid
 """
 import contextlib
 import fcntl
@@ -58,7 +62,8 @@ class WriteError(Exception):
 def settings(args, model):
     """Every setting that can change the result, JSON-able."""
     s = {k: v for k, v in sorted(vars(args).items())
-         if k not in ("data", "out", "rebuild_features", "fresh", "checkpoint_every", "serve", "new_items")}
+         if k not in ("data", "out", "rebuild_features", "fresh", "checkpoint_every", "serve", "new_items", "new_users")
+         and not (k == "cold_users" and not v)}  # off: the settings (and run names) of the runs before it
     s.update(model=model, data=os.path.abspath(args.data) if args.data else None)
     return json.loads(json.dumps(s, sort_keys=True, default=str))
 
