@@ -468,8 +468,8 @@ def load(args, folder):
     """The dataset of --data: a raw folder converted first (features.py), then the MMRec layout
     loaded and split (data.py), with a converted folder's own ids and tag names."""
     t = time.perf_counter()
-    conversion = {}
-    if features.is_raw(folder):
+    conversion, raw = {}, features.is_raw(folder)
+    if raw:
         conversion = features.convert_raw(folder, kcore=args.kcore, split_seed=args.split_seed,
                                           text_encoder=args.text_encoder, image_encoder=args.image_encoder,
                                           device=args.device, precision=args.precision,
@@ -477,7 +477,7 @@ def load(args, folder):
     data = dataset.load_mmrec(folder, cold_items=args.cold_items, split_seed=args.split_seed,
                               cold_users=args.cold_users)
     data["item_tag_names"] = {}
-    if features.is_raw(folder):
+    if raw:
         data["user_ids"], data["item_ids"] = features.raw_ids(folder, data["n_users"], data["n_items"])
         data["item_tag_names"] = features.tag_names(folder)
     data["encode_seconds"], data["encoders"] = conversion.get("encode_seconds", {}), conversion.get("encoders")
