@@ -17,10 +17,13 @@ history co-occurs with, which a few items' embeddings average away:
     user_vectors        v = p / |p| + beta n / |n|, scored against the trained item_emb
     item_knn            k_u(i) = sum_{j in H} c_ij / (c_i c_j)^(alpha / 2), c: co-interaction
                         counts over the trained pairs (alpha 1: ItemKNN's cosine)
+    ease                or k_u(i) = sum_{j in H} B_ji, EASE's item-to-item regression (Steck,
+                        2019) over the same pairs, where valid prefers it (dense data)
     scores              s_u(i) = v_u . e_i / sd_u + gamma k_u(i) / sd'_u, each term divided
                         by its spread over the ranked items (so gamma is a share, not a scale)
     anchors             popularity and ItemKNN on the same users and histories
-    fit                 a run's: alpha, beta, gamma chosen on the new users' valid pairs
+    fit                 a run's: the item-to-item term (alpha or EASE's lambda), beta, gamma
+                        chosen on the new users' valid pairs
                         (--cold-users), or without them on pseudo-new users; test is reported,
                         never chosen on
     served_scores       the same scores from model.npz's arrays (serve.py)
@@ -39,6 +42,8 @@ import recommender
 BETA = (0.0, 0.25, 0.5, 1.0, 2.0)  # the neighbours' weights, chosen on valid
 ALPHA = (0.0, 0.25, 0.5, 1.0)  # the item-to-item term's popularity damping, chosen on valid
 GAMMA = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # the item-to-item term's weight, chosen on valid
+EASE = (100.0, 300.0, 1000.0, 3000.0)  # EASE's L2 weight lambda, chosen on valid beside ItemKNN's alpha
+EASE_MAX = 10_000  # larger catalogues leave EASE out: its inverse takes I^3 time and I^2 float64 memory
 KNN = 50  # trained neighbours a new user's n averages
 PSEUDO = 0.1  # without --cold-users: the share of the trained users that stand in for new ones
 
@@ -137,6 +142,31 @@ def item_knn(history, n_new, train_pairs, n_items, alpha):
     return torch.sparse.mm(R.t(), HR.t().contiguous()).t() * damp[None, :]  # [n, I]
 
 
+@quiet
+def ease(train_pairs, n_items, lam):
+    """B [n_items, n_items] float32, EASE's item-to-item weights (Steck, 2019) over the trained pairs:
+    B = argmin |R - R B|^2 + lam |B|^2 with diag(B) = 0, in closed form B = I - P / diag(P) (column j
+    divided by P_jj), P = (R^T R + lam I)^-1, R the binary [users, items] matrix. A new user's score
+    of i is sum_{j in H} B_ji. The Gram matrix from sparse R, its inverse by float64 Cholesky."""
+    users, items = (np.asarray(a, np.int64) for a in train_pairs)
+    key = np.unique(users * n_items + items)
+    R = _sparse(key // n_items, key % n_items, (int(users.max()) + 1, n_items))
+    G = torch.sparse.mm(R.t(), R).to_dense().double()  # [I, I] co-interaction counts
+    G.diagonal().add_(lam)
+    P = torch.cholesky_inverse(torch.linalg.cholesky(G))
+    B = P / -P.diagonal()[None, :]
+    B.diagonal().zero_()
+    return B.float()
+
+
+@quiet
+def item_term(history, n_new, train_pairs, n_items, alpha, lam=0.0):
+    """K [n_new, n_items]: EASE's sum_{j in H} B_ji for lam > 0 (ease), else item_knn at alpha."""
+    if not lam:
+        return item_knn(history, n_new, train_pairs, n_items, alpha)
+    return torch.sparse.mm(_sparse(*history, (n_new, n_items)), ease(train_pairs, n_items, lam))
+
+
 def scores(v, item_emb, K=None, gamma=0.0, candidates=None):
     """(S [n, I], user_vec [n, d], knn_weight [n]): s_u(i) = user_vec_u . e_i + knn_weight_u K_u(i), with
     user_vec = v / sd_u and knn_weight = gamma / sd'_u, sd_u and sd'_u the spreads of v_u . e_i and of
@@ -170,8 +200,9 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
         device="cpu", log=print):
     """The new-user method of a run: res is recommender.train's result for the kept model
     (user_emb, item_emb, ego), layers its LightGCN depth (0: MF). cold: data's cold_users (the
-    new users: history, valid, test) or None. On valid Recall@20, one after the other: alpha (the
-    item-to-item term alone), then beta and gamma together (the blend; 0 among the choices of both).
+    new users: history, valid, test) or None. On valid Recall@20, one after the other: the
+    item-to-item term alone (ItemKNN at each alpha; EASE at each lambda, for catalogues of at most
+    EASE_MAX items), then beta and gamma together (the blend; 0 among the choices of both).
     Valid is the new users' (cold), else pseudo-new users': a share PSEUDO of the users with valid
     pairs, drawn by split_seed, their training pairs as history, their valid pairs as targets, the
     others' pairs as the neighbours' and the item-to-item term's (the items' embeddings were
@@ -203,25 +234,37 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     K = {a: item_knn(hist, n, pool, n_items, a) for a in ALPHA}
     alpha_grid = {a: recall(k) for a, k in K.items()}
     alpha = max(alpha_grid, key=alpha_grid.get)  # on a tie the first
+    lams = EASE if n_items <= EASE_MAX else ()
+    if not lams:
+        log(f"new users: {n_items} items, more than EASE_MAX ({EASE_MAX}): the item-to-item term is ItemKNN's")
+    E = {lam: item_term(hist, n, pool, n_items, alpha, lam) for lam in lams}
+    ease_grid = {lam: recall(k) for lam, k in E.items()}
+    lam = max(ease_grid, key=ease_grid.get) if ease_grid else 0.0
+    lam = lam if ease_grid and ease_grid[lam] > alpha_grid[alpha] else 0.0  # on a tie ItemKNN
+    term = E[lam] if lam else K[alpha]
     p, nb = user_vectors(hist, n, G), F.normalize(neighbours(hist, n, res["user_emb"], pool, n_items), dim=1)
-    grid = {(b, g): recall(scores(p + b * nb if b else p, item_emb, K[alpha], g, candidates)[0])
+    grid = {(b, g): recall(scores(p + b * nb if b else p, item_emb, term, g, candidates)[0])
             for b in BETA for g in GAMMA}
     beta, gamma = max(grid, key=grid.get)  # on a tie the first: the smaller weights
     show = lambda grid: ", ".join(f"{k:g}: {r:.4f}" for k, r in grid.items())
-    log(f"new users, valid recall@20 by the item-to-item term's damping alpha: {show(alpha_grid)}; kept {alpha:g}; "
+    log(f"new users, valid recall@20 of the item-to-item term by ItemKNN's damping alpha: {show(alpha_grid)}; "
+        f"by EASE's lambda: {show(ease_grid) or 'not tried'}; kept {f'EASE {lam:g}' if lam else f'ItemKNN {alpha:g}'}; "
         f"by (neighbour weight beta, blend weight gamma): best {grid[beta, gamma]:.4f} at ({beta:g}, {gamma:g}), "
         f"the vector alone (0, 0) {grid[0.0, 0.0]:.4f}")
-    entry.update(alpha=alpha, beta=beta, gamma=gamma, knn=KNN, alpha_grid={f"{x:g}": r for x, r in alpha_grid.items()},
+    entry.update(alpha=alpha, ease=lam, beta=beta, gamma=gamma, knn=KNN,
+                 alpha_grid={f"{x:g}": r for x, r in alpha_grid.items()},
+                 ease_grid={f"{x:g}": r for x, r in ease_grid.items()},
                  beta_gamma_grid={f"{b:g},{g:g}": r for (b, g), r in grid.items()})
     if cold is not None:  # the scores serving computes, from the arrays model.npz keeps
         S = served_scores(dict(newuser_items=G, newuser_beta=beta, newuser_knn=KNN, newuser_alpha=alpha,
-                               newuser_gamma=gamma, newuser_train_users=pool[0], newuser_train_items=pool[1],
-                               user_emb=res["user_emb"], item_emb=res["item_emb"], ranked_items=candidates),
+                               newuser_ease=lam, newuser_gamma=gamma, newuser_train_users=pool[0],
+                               newuser_train_items=pool[1], user_emb=res["user_emb"], item_emb=res["item_emb"],
+                               ranked_items=candidates),
                           hist, n)[0]
         entry.update({s: ev.evaluate_scores(S) for s, ev in evs.items()},
                      anchors=anchors(hist, evs, n, pool, n_items, alpha))
     arrays = dict(newuser_items=G, newuser_beta=np.float64(beta), newuser_knn=np.int64(KNN),
-                  newuser_alpha=np.float64(alpha), newuser_gamma=np.float64(gamma),
+                  newuser_alpha=np.float64(alpha), newuser_ease=np.float64(lam), newuser_gamma=np.float64(gamma),
                   newuser_train_users=np.asarray(train_pairs[0], np.int64),
                   newuser_train_items=np.asarray(train_pairs[1], np.int64))
     return entry, arrays
@@ -234,10 +277,11 @@ ARRAYS = ("newuser_items", "newuser_beta", "newuser_knn", "newuser_alpha", "newu
 def served_scores(m, history, n_new):
     """(S [n_new, I], user_vec [n_new, d], knn_weight [n_new]) from model.npz's arrays m for new users'
     histories (rows 0..n_new-1, item rows): the scores fit reported for the --cold-users users,
-    s_u(i) = user_vec_u . item_emb[i] + knn_weight_u k_u(i) (scores, item_knn, user_vectors)."""
+    s_u(i) = user_vec_u . item_emb[i] + knn_weight_u k_u(i) (scores, item_term, user_vectors)."""
     pairs = (m["newuser_train_users"], m["newuser_train_items"])
     v = user_vectors(history, n_new, m["newuser_items"], float(m["newuser_beta"]), m["user_emb"], pairs,
                      int(m["newuser_knn"]))
     gamma = float(m["newuser_gamma"])
-    K = item_knn(history, n_new, pairs, len(m["item_emb"]), float(m["newuser_alpha"])) if gamma else None
+    lam = float(m["newuser_ease"]) if "newuser_ease" in m else 0.0  # runs from before EASE: ItemKNN
+    K = item_term(history, n_new, pairs, len(m["item_emb"]), float(m["newuser_alpha"]), lam) if gamma else None
     return scores(v, m["item_emb"], K, gamma, m["ranked_items"])

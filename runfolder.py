@@ -37,7 +37,8 @@ and, where there is a content head:
 and, in every run, what places a new user from their history (newusers.py, serve.serve_users):
     newuser_items [I, d]               float32, LightGCN's propagation of a history: p = |H|^-1/2 sum_H G_i
     newuser_train_users, newuser_train_items   int64, the training pairs (neighbours, item-to-item counts)
-    newuser_alpha, newuser_beta, newuser_gamma, newuser_knn   the method's settings, chosen on valid
+    newuser_alpha, newuser_ease, newuser_beta, newuser_gamma, newuser_knn   the method's settings,
+                                       chosen on valid (newuser_ease: EASE's lambda, 0 for ItemKNN)
 """
 import contextlib
 import fcntl

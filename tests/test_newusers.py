@@ -94,6 +94,31 @@ def test_anchors_and_the_item_to_item_term_by_hand():
     assert out["itemknn_tuned"]["test"]["recall@2"] == 0.5  # counts: item 0 2, item 3 1
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), n_users=st.integers(2, 12), n_items=st.integers(2, 8),
+       lam=st.sampled_from([0.5, 3.0, 100.0]))
+def test_ease_is_each_items_ridge_regression_on_the_others(seed, n_users, n_items, lam):
+    """EASE's closed form equals, column by column, the ridge regression of item j's column of R on
+    the other items' columns, b_j = (G_-j,-j + lam I)^-1 G_-j,j, with B_jj = 0; the item term of a
+    history is its rows of B summed."""
+    rng = np.random.default_rng(seed)
+    R = (rng.random((n_users, n_items)) < 0.5).astype(np.float64)
+    R[0, 0] = 1  # at least one pair
+    users, items = np.nonzero(R)
+    B = newusers.ease((users, items), n_items, lam).numpy()
+    G = R.T @ R
+    for j in range(n_items):
+        o = np.arange(n_items) != j
+        b = np.linalg.solve(G[np.ix_(o, o)] + lam * np.eye(n_items - 1), G[o, j])
+        np.testing.assert_allclose(B[o, j], b, rtol=1e-4, atol=1e-6)
+        assert B[j, j] == 0
+    hist = (np.array([0, 0, 1]), np.array([0, n_items - 1, 1]))
+    K = newusers.item_term(hist, 2, (users, items), n_items, 1.0, lam).numpy()
+    np.testing.assert_allclose(K, [B[0] + B[n_items - 1], B[1]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(newusers.item_term(hist, 2, (users, items), n_items, 0.5).numpy(),
+                                  newusers.item_knn(hist, 2, (users, items), n_items, 0.5).numpy())
+
+
 def test_the_blend_divides_each_term_by_its_spread():
     v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     E = np.array([[1, 0], [0, 1], [2, 2]], np.float32)
@@ -156,6 +181,11 @@ def test_metrics_entry_leaves_the_new_users_out_of_training(cold_run):
     assert c["beta_gamma_grid"][f"{c['beta']:g},{c['gamma']:g}"] == c["valid"]["recall@20"]
     assert c["valid"]["recall@20"] == max(c["beta_gamma_grid"].values()) and c["gamma"] in newusers.GAMMA
     assert c["alpha_grid"][f"{c['alpha']:g}"] == max(c["alpha_grid"].values())
+    assert set(c["ease_grid"]) == {f"{x:g}" for x in newusers.EASE}  # the toy's catalogue is small
+    best = max(c["ease_grid"].values())
+    assert c["ease"] == (0 if best <= max(c["alpha_grid"].values()) else  # EASE only where valid prefers it
+                         next(float(x) for x, r in c["ease_grid"].items() if r == best))
+    assert float(z["newuser_ease"]) == c["ease"]
     assert c["anchors"]["itemknn_tuned"]["valid"]["recall@20"] == c["alpha_grid"][f"{c['alpha']:g}"]
     assert set(c["anchors"]) == {"popularity", "itemknn", "itemknn_tuned"} and "test" in c["anchors"]["itemknn"]
     assert not np.isin(z["ranked_users"], c["users"]).any()  # never trained, never in the run's lists
@@ -184,8 +214,9 @@ def test_serving_the_new_users_reproduces_their_test_recall(cold_run, tmp_path):
         assert sorted(n["user_ids"].tolist()) == sorted(z["user_ids"][c["users"]].tolist())
         row = {u: k for k, u in enumerate(n["user_ids"])}
         item = {i: k for k, i in enumerate(z["item_ids"])}
-        K = newusers.item_knn(newusers.local(c["users"], c["history"]), len(c["users"]),
-                              (z["newuser_train_users"], z["newuser_train_items"]), len(item), float(z["newuser_alpha"]))
+        K = newusers.item_term(newusers.local(c["users"], c["history"]), len(c["users"]),
+                               (z["newuser_train_users"], z["newuser_train_items"]), len(item), float(z["newuser_alpha"]),
+                               float(z["newuser_ease"]))
         order = np.argsort(z["user_ids"][c["users"]])  # the served rows: ids in sorted order
         got = [n["user_vec"][row[u]] @ z["item_emb"][item[i]] + n["knn_weight"][row[u]] * K[order[row[u]], item[i]].item()
                for u, i, _, _ in rows]  # the formula, by hand
