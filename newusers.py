@@ -153,10 +153,13 @@ def ease(train_pairs, n_items, lam):
     R = _sparse(key // n_items, key % n_items, (int(users.max()) + 1, n_items))
     G = torch.sparse.mm(R.t(), R).to_dense().double()  # [I, I] co-interaction counts
     G.diagonal().add_(lam)
-    P = torch.cholesky_inverse(torch.linalg.cholesky(G))
-    B = P / -P.diagonal()[None, :]
-    B.diagonal().zero_()
-    return B.float()
+    L = torch.linalg.cholesky(G)
+    del G  # two [I, I] float64 at a time at most
+    P = torch.cholesky_inverse(L)
+    del L
+    P /= -P.diagonal().clone()[None, :]
+    P.diagonal().zero_()
+    return P.float()
 
 
 @quiet
