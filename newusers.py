@@ -143,15 +143,16 @@ def item_knn(history, n_new, train_pairs, n_items, alpha):
 
 
 @quiet
-def ease(train_pairs, n_items, lam):
+def ease(train_pairs, n_items, lam, device="cpu"):
     """B [n_items, n_items] float32, EASE's item-to-item weights (Steck, 2019) over the trained pairs:
     B = argmin |R - R B|^2 + lam |B|^2 with diag(B) = 0, in closed form B = I - P / diag(P) (column j
     divided by P_jj), P = (R^T R + lam I)^-1, R the binary [users, items] matrix. A new user's score
-    of i is sum_{j in H} B_ji. The Gram matrix from sparse R, its inverse by float64 Cholesky."""
+    of i is sum_{j in H} B_ji. The Gram matrix from sparse R, its inverse by float64 Cholesky on
+    `device`; B comes back on the CPU."""
     users, items = (np.asarray(a, np.int64) for a in train_pairs)
     key = np.unique(users * n_items + items)
     R = _sparse(key // n_items, key % n_items, (int(users.max()) + 1, n_items))
-    G = torch.sparse.mm(R.t(), R).to_dense().double()  # [I, I] co-interaction counts
+    G = torch.sparse.mm(R.t(), R).to_dense().to(device, torch.float64)  # [I, I] co-interaction counts
     G.diagonal().add_(lam)
     L = torch.linalg.cholesky(G)
     del G  # two [I, I] float64 at a time at most
@@ -159,15 +160,16 @@ def ease(train_pairs, n_items, lam):
     del L
     P /= -P.diagonal().clone()[None, :]
     P.diagonal().zero_()
-    return P.float()
+    return P.float().cpu()
 
 
 @quiet
-def item_term(history, n_new, train_pairs, n_items, alpha, lam=0.0):
-    """K [n_new, n_items]: EASE's sum_{j in H} B_ji for lam > 0 (ease), else item_knn at alpha."""
+def item_term(history, n_new, train_pairs, n_items, alpha, lam=0.0, device="cpu"):
+    """K [n_new, n_items]: EASE's sum_{j in H} B_ji for lam > 0 (ease, its inverse on `device`), else
+    item_knn at alpha."""
     if not lam:
         return item_knn(history, n_new, train_pairs, n_items, alpha)
-    return torch.sparse.mm(_sparse(*history, (n_new, n_items)), ease(train_pairs, n_items, lam))
+    return torch.sparse.mm(_sparse(*history, (n_new, n_items)), ease(train_pairs, n_items, lam, device))
 
 
 def scores(v, item_emb, K=None, gamma=0.0, candidates=None):
@@ -210,6 +212,7 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     pairs, drawn by split_seed, their training pairs as history, their valid pairs as targets, the
     others' pairs as the neighbours' and the item-to-item term's (the items' embeddings were
     trained on their pairs too: this chooses, it reports nothing). Test is never read to choose.
+    device: where EASE inverts its Gram matrix; the rest runs on the CPU.
     Returns (the metrics entry, model.npz's newuser_* arrays)."""
     if "ego" in res:
         G = propagation_items(res["ego"], n_users, train_pairs, layers)
@@ -240,7 +243,7 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     lams = EASE if n_items <= EASE_MAX else ()
     if not lams:
         log(f"new users: {n_items} items, more than EASE_MAX ({EASE_MAX}): the item-to-item term is ItemKNN's")
-    E = {lam: item_term(hist, n, pool, n_items, alpha, lam) for lam in lams}
+    E = {lam: item_term(hist, n, pool, n_items, alpha, lam, device) for lam in lams}
     ease_grid = {lam: recall(k) for lam, k in E.items()}
     lam = max(ease_grid, key=ease_grid.get) if ease_grid else 0.0
     lam = lam if ease_grid and ease_grid[lam] > alpha_grid[alpha] else 0.0  # on a tie ItemKNN
