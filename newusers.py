@@ -249,8 +249,8 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     lam = lam if ease_grid and ease_grid[lam] > alpha_grid[alpha] else 0.0  # on a tie ItemKNN
     term = E[lam] if lam else K[alpha]
     p, nb = user_vectors(hist, n, G), F.normalize(neighbours(hist, n, res["user_emb"], pool, n_items), dim=1)
-    grid = {(b, g): recall(scores(p + b * nb if b else p, item_emb, term, g, candidates)[0])
-            for b in BETA for g in GAMMA}
+    blend = lambda b, g: scores(p + b * nb if b else p, item_emb, term, g, candidates)[0]  # served_scores' S
+    grid = {(b, g): recall(blend(b, g)) for b in BETA for g in GAMMA}
     beta, gamma = max(grid, key=grid.get)  # on a tie the first: the smaller weights
     show = lambda grid: ", ".join(f"{k:g}: {r:.4f}" for k, r in grid.items())
     log(f"new users, valid recall@20 of the item-to-item term by ItemKNN's damping alpha: {show(alpha_grid)}; "
@@ -261,12 +261,8 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
                  alpha_grid={f"{x:g}": r for x, r in alpha_grid.items()},
                  ease_grid={f"{x:g}": r for x, r in ease_grid.items()},
                  beta_gamma_grid={f"{b:g},{g:g}": r for (b, g), r in grid.items()})
-    if cold is not None:  # the scores serving computes, from the arrays model.npz keeps
-        S = served_scores(dict(newuser_items=G, newuser_beta=beta, newuser_knn=KNN, newuser_alpha=alpha,
-                               newuser_ease=lam, newuser_gamma=gamma, newuser_train_users=pool[0],
-                               newuser_train_items=pool[1], user_emb=res["user_emb"], item_emb=res["item_emb"],
-                               ranked_items=candidates),
-                          hist, n)[0]
+    if cold is not None:  # the kept blend: the scores serving computes from model.npz (tests/test_newusers.py)
+        S = blend(beta, gamma)
         entry.update({s: ev.evaluate_scores(S) for s, ev in evs.items()},
                      anchors=anchors(hist, evs, n, pool, n_items, alpha))
     arrays = dict(newuser_items=G, newuser_beta=np.float64(beta), newuser_knn=np.int64(KNN),
@@ -280,14 +276,15 @@ ARRAYS = ("newuser_items", "newuser_beta", "newuser_knn", "newuser_alpha", "newu
           "newuser_train_items")
 
 
-def served_scores(m, history, n_new):
+def served_scores(m, history, n_new, device="cpu"):
     """(S [n_new, I], user_vec [n_new, d], knn_weight [n_new]) from model.npz's arrays m for new users'
     histories (rows 0..n_new-1, item rows): the scores fit reported for the --cold-users users,
-    s_u(i) = user_vec_u . item_emb[i] + knn_weight_u k_u(i) (scores, item_term, user_vectors)."""
+    s_u(i) = user_vec_u . item_emb[i] + knn_weight_u k_u(i) (scores, item_term, user_vectors); device:
+    where EASE inverts its Gram matrix, if the run kept EASE."""
     pairs = (m["newuser_train_users"], m["newuser_train_items"])
     v = user_vectors(history, n_new, m["newuser_items"], float(m["newuser_beta"]), m["user_emb"], pairs,
                      int(m["newuser_knn"]))
     gamma = float(m["newuser_gamma"])
     lam = float(m["newuser_ease"]) if "newuser_ease" in m else 0.0  # runs from before EASE: ItemKNN
-    K = item_term(history, n_new, pairs, len(m["item_emb"]), float(m["newuser_alpha"]), lam) if gamma else None
+    K = item_term(history, n_new, pairs, len(m["item_emb"]), float(m["newuser_alpha"]), lam, device) if gamma else None
     return scores(v, m["item_emb"], K, gamma, m["ranked_items"])

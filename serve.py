@@ -14,7 +14,7 @@ user's top K among them. This is the paper's content pathway at work after train
 
 New users arrive as a history, a TSV of (user, item) pairs in the dataset's own ids
 (read_new_users); the run's new-user method (newusers.py) places them from the trained items
-and users (newusers.served_vectors), and each gets the top K of the ranked items they have not given.
+and users (newusers.served_scores), and each gets the top K of the ranked items they have not given.
 """
 import numpy as np
 import torch
@@ -116,7 +116,8 @@ def serve_users(run_dir, path, k=20, device="cpu", log=print):
     user_vec = (p / |p| + beta n / |n|) / sd_u, p = |H_u|^-1/2 sum_{j in H_u} newuser_items[j], n the
     trained neighbours' mean, w_ji = c_ji / (c_j c_i)^(alpha / 2) with c the co-interaction counts of
     model.npz's newuser_train_* pairs, or EASE's B_ji over those pairs where newuser_ease (lambda) is
-    not 0; alpha, beta: newuser_alpha, newuser_beta (newusers.served_scores); knn_weight 0: a dot product."""
+    not 0 (its inverse on `device`); alpha, beta: newuser_alpha, newuser_beta (newusers.served_scores);
+    knn_weight 0: a dot product."""
     m = runfolder.load_run(run_dir)
     missing = [a for a in newusers.ARRAYS if a not in m]
     if missing:
@@ -125,7 +126,7 @@ def serve_users(run_dir, path, k=20, device="cpu", log=print):
     rankable = np.full(len(m["item_ids"]), "", dtype=m["item_ids"].dtype)
     rankable[m["ranked_items"]] = m["item_ids"][m["ranked_items"]]  # a new item of --cold-items is not given
     ids, history = read_new_users(path, m["user_ids"][m["ranked_users"]], rankable)
-    S, user_vec, knn_weight = newusers.served_scores(m, history, len(ids))
+    S, user_vec, knn_weight = newusers.served_scores(m, history, len(ids), device)
     top, scores = top_k(S, history, k, m["ranked_items"])
     log(f"served {len(ids)} new users from {len(history[0])} history pairs")
     tsv = runfolder.recommendations_tsv(ids, m["item_ids"], np.arange(len(ids)), top, scores)
