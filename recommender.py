@@ -10,6 +10,8 @@ such models, self-contained:
     MF                 matrix factorisation, score(u, i) = e_u . e_i
     LightGCN           He et al. (SIGIR 2020): e_u, e_i averaged over K
                        propagations on the normalised user-item graph
+    ContentView        MGCN's view of item content (Yu et al., MM 2023), added to
+                       the final embeddings so content trains in every step
     bpr_loss           the pairwise loss both are trained with
     train              Adam, early stopping on valid Recall@20, best-valid test;
                        resumable from a checkpoint file
@@ -182,20 +184,29 @@ class MF(nn.Module):
     """Matrix factorisation: score(u, i) = e_u . e_i.
 
     layer0 (a module, Table's interface; default a Table of dim, user_init, item_init) gives
-    the layer-0 embeddings of users then items; propagate() maps them to the final embeddings
-    of every node, which for MF are layer 0 itself.
+    the layer-0 embeddings of users then items; propagate() maps them to h, which for MF is
+    layer 0 itself. view (a ContentView, or None) adds its side to h: the final embeddings.
     """
 
-    def __init__(self, n_users, n_items, dim=64, user_init=None, item_init=None, layer0=None):
+    def __init__(self, n_users, n_items, dim=64, user_init=None, item_init=None, layer0=None, view=None):
         super().__init__()
         self.n_users, self.n_items = n_users, n_items
         self.layer0 = Table(n_users, n_items, dim, user_init, item_init) if layer0 is None else layer0
+        self.view = view
 
     def propagate(self, ego):  # [n_users + n_items, d] -> the same
         return ego
 
+    def final(self, ego):
+        """layer 0 [n_users + n_items, d] -> (final embeddings, h = propagate(ego), the view's side or None)."""
+        h = self.propagate(ego)
+        if self.view is None:
+            return h, h, None
+        side = self.view(ego[self.n_users:], h)
+        return h + side, h, side
+
     def forward(self):  # [n_users + n_items, d]
-        return self.propagate(self.layer0())
+        return self.final(self.layer0())[0]
 
     @torch.no_grad()
     def embeddings(self):
@@ -203,18 +214,18 @@ class MF(nn.Module):
         return self().detach().split([self.n_users, self.n_items])
 
 
-class SymmetricSpMM(torch.autograd.Function):
-    """Y = Â X for a symmetric sparse Â, so dX = Â dY (torch's own sparse backward
-    transposes Â on every call). LightGCN checks that its Â is symmetric."""
+class SpMM(torch.autograd.Function):
+    """Y = A X for a sparse A whose transpose At is built once, so dX = At dY (torch's own
+    sparse backward transposes A on every call). LightGCN's Â is its own transpose (it checks)."""
 
     @staticmethod
-    def forward(ctx, A, X):
-        ctx.A = A
+    def forward(ctx, A, At, X):
+        ctx.At = At
         return A @ X
 
     @staticmethod
     def backward(ctx, dY):
-        return None, ctx.A @ dY
+        return None, None, ctx.At @ dY
 
 
 def bipartite_adjacency(n_users, n_items, users, items):
@@ -241,8 +252,9 @@ class LightGCN(MF):
     Its only parameters are those of layer 0, where a pre-trained start goes: a free table
     (the handed-over vectors) or a module that computes layer 0 (a pre-trained network)."""
 
-    def __init__(self, n_users, n_items, adj, layers=2, dim=64, user_init=None, item_init=None, layer0=None):
-        super().__init__(n_users, n_items, dim, user_init, item_init, layer0)
+    def __init__(self, n_users, n_items, adj, layers=2, dim=64, user_init=None, item_init=None, layer0=None,
+                 view=None):
+        super().__init__(n_users, n_items, dim, user_init, item_init, layer0, view)
         a = adj.to_sparse_coo().coalesce()
         at = a.t().coalesce()
         if not (torch.equal(a.indices(), at.indices()) and torch.equal(a.values(), at.values())):
@@ -252,9 +264,78 @@ class LightGCN(MF):
     def propagate(self, ego):  # [n_users + n_items, d] -> the same
         x = h = ego
         for _ in range(self.layers):
-            x = SymmetricSpMM.apply(self.adj, x)
+            x = SpMM.apply(self.adj, self.adj, x)
             h = h + x
         return h / (self.layers + 1)
+
+
+def knn_adjacency(feat, k=10, items=None, batch=4096, device="cpu"):
+    """MGCN's item-item graph of one content modality: (A, Aᵀ), float32 torch sparse CSR [I, I], where
+    row i averages the k items nearest to i by cosine similarity of feat [I, f] (i itself among
+    them): binary kNN edges over the row's degree k, MGCN's normalisation of them. items (int64
+    ids, default all): the catalogue known at training time; the others have no edge at all."""
+    x = F.normalize(torch.as_tensor(np.asarray(feat, np.float32), device=device), dim=1)
+    n = len(x)
+    pool = torch.arange(n, device=device) if items is None else torch.as_tensor(items, device=device)
+    xp, k = x[pool], min(k, len(pool))  # [P, f]
+    nb = pool[torch.cat([(xp[lo:lo + batch] @ xp.T).topk(k, dim=1).indices for lo in range(0, len(pool), batch)])]
+    rows = pool.repeat_interleave(k)  # [P * k] with nb's [P, k]
+    A = torch.sparse_coo_tensor(torch.stack([rows, nb.flatten()]), torch.full((len(rows),), 1.0 / k, device=device),
+                                (n, n)).coalesce()
+    with warnings.catch_warnings():  # 'CSR support is in beta state'
+        warnings.simplefilter("ignore")
+        return A.to_sparse_csr(), A.t().coalesce().to_sparse_csr()
+
+
+class ContentView(nn.Module):
+    """MGCN's view of item content (Yu et al., MM 2023), added to a recommender's output so that
+    content keeps a say in every training step, not only through the start (ours for MMCPR: the
+    paper hands content over through the start alone; run.py --content-view).
+
+    For each content modality m, features f_m [I, f] (a trainable table, as MGCN's):
+        e_m = A_m (e⁰_items ⊙ σ(W_g,m W_m f_m))   [I, d]  the items' layer-0 rows gated by their content,
+                                                          averaged over their k nearest items by content
+        v_m = [R̂ e_m ; e_m]                      [N, d]  users see it through the user-item graph
+                                                          (R̂: Â's user-item block; Â [0; e_m] computes it)
+    common = Σ_m α_m v_m,  α = softmax_m(q(v_m))           attention over the modalities
+    side = (Σ_m σ(W_p,m h) ⊙ (v_m - common) + common) / (M + 1)   each modality's own part, gated by the
+                                                          node's preference, read from h (LightGCN's output)
+    The final embeddings are h + side; contrast() is MGCN's InfoNCE between side and h.
+    feats: a list of [I, f] arrays; adj: the recommender's Â [N, N] (bipartite_adjacency), on `device`;
+    items (int64 ids, default all): the catalogue known at training time, the only items in the kNN
+    graphs, so that a new item's content changes nothing trained.
+    """
+
+    def __init__(self, feats, adj, n_users, dim=64, knn=10, nce=1e-3, tau=0.2, items=None, device="cpu"):
+        super().__init__()
+        self.n_users, self.adj, self.nce, self.tau = n_users, adj, nce, tau
+        self.graphs = [knn_adjacency(f, knn, items, device=device) for f in feats]  # [(A_m, A_mᵀ)], not trained
+        self.feat = nn.ParameterList(nn.Parameter(torch.tensor(f, dtype=torch.float32)) for f in feats)  # copies
+        self.project = nn.ModuleList(nn.Linear(f.shape[1], dim) for f in feats)
+        self.gate = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Sigmoid()) for _ in feats)
+        self.prefer = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Sigmoid()) for _ in feats)
+        self.query = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1, bias=False))
+
+    def forward(self, item_ego, h):
+        """item_ego [I, d] the items' layer-0 rows, h [N, d] the recommender's output -> side [N, d]."""
+        views = []
+        for (A, At), feat, project, gate in zip(self.graphs, self.feat, self.project, self.gate):
+            e = SpMM.apply(A, At, item_ego * gate(project(feat)))  # [I, d]
+            e = torch.cat([e.new_zeros(self.n_users, e.shape[1]), e])  # [N, d]
+            views.append(SpMM.apply(self.adj, self.adj, e) + e)  # [R̂ e_m; e_m]
+        v = torch.stack(views, 1)  # [N, M, d]
+        alpha = torch.softmax(self.query(v), dim=1)  # [N, M, 1]
+        common = (alpha * v).sum(1)  # [N, d]
+        own = sum(prefer(h) * (v[:, m] - common) for m, prefer in enumerate(self.prefer))
+        return (own + common) / (len(views) + 1)
+
+    def contrast(self, side, h, nodes):
+        """nce · InfoNCE(side, h) on the rows `nodes` (the batch's users, then its items, each
+        group a softmax of its own): a node's view of content agrees with its collaborative h."""
+        def info_nce(a, b):  # [B, d] twice: row r's positive is b[r], the other rows its negatives
+            a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+            return (torch.logsumexp(a @ b.T / self.tau, dim=1) - (a * b).sum(1) / self.tau).mean()
+        return self.nce * sum(info_nce(side[n], h[n]) for n in nodes)
 
 
 def bpr_loss(pos_scores, neg_scores):
@@ -270,13 +351,13 @@ def fit_scale(net, node):
 
     A pre-trained start arrives at the scale its own objective left it, not at the one BPR
     wants: MMCPR's fused h, propagated by LightGCN, are about 3x too confident for BPR on
-    TikTok, and fine-tuning from there degraded valid from the first epoch. The final
+    TikTok, and fine-tuning from there degraded valid from the first epoch. The propagated
     embeddings are linear in layer 0 (MF: equal; LightGCN: a propagation), so scores scale by
     q = s² and the loss is mean softplus(-q x) with x = s_ui - s_uj: convex in q, found by a
     ternary search over log q in [1e-6, 1e6] (a start that ranks no positive above its
     negative ends at the floor). Rescaling changes no ranking, so epoch 0 scores the same.
     (Adding the L2 term to this fit sends q to 0 once l2 is large, wiping the start.)"""
-    u, i, j = F.embedding(node, net().double())
+    u, i, j = F.embedding(node, net.propagate(net.layer0()).double())  # a content view's side left out
     x = (u * i).sum(1) - (u * j).sum(1)  # [P] s_ui - s_uj
     if not torch.isfinite(x).all():
         raise FloatingPointError("non-finite scores in the start")
@@ -363,15 +444,15 @@ def load_checkpoint(path, log=print):
         return None
 
 
-def layer0_state(net):
-    """A copy of the state of net's layer 0 (its state_dict): what training changes."""
-    return {k: v.clone() for k, v in net.layer0.state_dict().items()}
+def trained_state(net):
+    """A copy of what training changes: the state of net's layer 0 and of its content view."""
+    return {k: v.clone() for k, v in net.state_dict().items()}
 
 
 def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None, dim=64, lr=None, l2=None,
           batch=2048, epochs=1000, patience=PATIENCE, ks=(10, 20, 50), user_init=None, item_init=None,
-          layer0=None, rescale=True, items=None, device="cpu", seed=0, log=print,
-          checkpoint=None, checkpoint_every=60.0, stop=None):
+          layer0=None, rescale=True, items=None, content=None, knn=10, content_nce=1e-3, device="cpu", seed=0,
+          log=print, checkpoint=None, checkpoint_every=60.0, stop=None):
     """Train MF-BPR or LightGCN-BPR, select the epoch on valid Recall@20, report test there.
 
     Each epoch draws one uniform negative per training pair; the loss of a batch
@@ -383,7 +464,10 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     by this loss (its param_groups may set their own learning rates). A
     handed-over start is first rescaled by fit_scale (rescale=True). Epoch 0 is
     the start itself, so fine-tuning is kept only if it beats it on valid.
-    Training stops `patience` epochs after the best. items (int64 ids, default
+    Training stops `patience` epochs after the best. content (a list of item
+    feature arrays [n_items, f], default None): a ContentView of them (knn,
+    content_nce) adds its side to the final embeddings and its InfoNCE to the
+    loss, and trains with layer 0. items (int64 ids, default
     all): the catalogue known at training time, the only items drawn as
     negatives and ranked; new items (the cold-start split) are left out.
     Returns dict(best_epoch, valid, test, scale (of the start, or None),
@@ -394,7 +478,7 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     checkpoint (a file path): resume from it where it exists and is readable,
     and write it (save_checkpoint) at the end of an epoch once checkpoint_every
     seconds have passed since the last write, and on stopping. It holds
-    everything later epochs depend on: layer 0's state, Adam's state, the numpy
+    everything later epochs depend on: layer 0's and the view's state, Adam's state, the numpy
     and torch RNG states, the start's scale, the history, the best epoch and
     its layer 0; so a resumed training ends as an uninterrupted one, bit for
     bit on the CPU at the same thread count. It must come from the same call.
@@ -415,12 +499,14 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     pos_keys = np.unique(users * n_items + items)  # sorted, duplicates once
     if np.bincount(pos_keys // n_items).max() >= (n_items if pool is None else len(pool)):
         raise ValueError("a user has trained on every item: no negative to sample")
+    adj = bipartite_adjacency(n_users, n_items, users, items).to(device) if model == "lightgcn" or content else None
+    view = ContentView(content, adj, n_users, dim, knn, content_nce, items=pool, device=device) if content else None
     if model == "mf":
-        net = MF(n_users, n_items, dim, user_init, item_init, layer0).to(device)
+        net = MF(n_users, n_items, dim, user_init, item_init, layer0, view).to(device)
     else:
-        adj = bipartite_adjacency(n_users, n_items, users, items).to(device)
-        net = LightGCN(n_users, n_items, adj, layers, dim, user_init, item_init, layer0).to(device)
-    opt = torch.optim.Adam(net.layer0.param_groups(), lr=lr, fused=True)  # fused: one kernel for the whole update
+        net = LightGCN(n_users, n_items, adj, layers, dim, user_init, item_init, layer0, view).to(device)
+    groups = net.layer0.param_groups() + ([dict(params=list(view.parameters()))] if view else [])
+    opt = torch.optim.Adam(groups, lr=lr, fused=True)  # fused: one kernel for the whole update
     users_t, items_t = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     ev_valid, ev_test = (Evaluator(n_items, (users, items), s, ks, device=device, candidates=pool) for s in (valid, test))
     epoch_seconds, eval_seconds = [], []
@@ -441,11 +527,11 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
             net.layer0.rescale(scale)
             log(f"{model}: pre-trained start rescaled by {scale:.3f}")
         best = evaluate(ev_valid)
-        done, best_epoch, best_state = 0, 0, layer0_state(net)
+        done, best_epoch, best_state = 0, 0, trained_state(net)
         history = [dict(epoch=0, loss=None, **{f"valid_{k}": v for k, v in best.items()})]
         log(f"{model} epoch 0 (init): valid recall@20 {best['recall@20']:.4f}")
     else:
-        net.layer0.load_state_dict(state["layer0"])
+        net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -461,8 +547,11 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
         for idx in perm.split(batch):
             node = torch.stack([users_t[idx], items_t[idx] + n_users, negs[idx] + n_users])  # [3, B]
             ego = net.layer0()  # [n_users + n_items, d] layer 0, computed once a step
-            u, i, j = F.embedding(node, net.propagate(ego))  # [3, B, d] final embeddings (F.embedding: a fast backward)
+            final, h, side = net.final(ego)  # [n_users + n_items, d] each; side None without a view
+            u, i, j = F.embedding(node, final)  # [3, B, d] final embeddings (F.embedding: a fast backward)
             loss = bpr_loss((u * i).sum(1), (u * j).sum(1)) + l2 * F.embedding(node, ego).square().sum() / len(idx)
+            if side is not None and net.view.nce > 0:
+                loss = loss + net.view.contrast(side, h, node[:2])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -475,19 +564,19 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
             f"{epoch_seconds[-1]:.2f}s + eval {eval_seconds[-1]:.2f}s")
         if m["recall@20"] > best["recall@20"]:
             best, best_epoch = m, epoch
-            best_state = layer0_state(net)
+            best_state = trained_state(net)
         elif epoch - best_epoch >= patience:
             break
         stopping = stop is not None and stop()
         if checkpoint is not None and (stopping or time.perf_counter() - saved >= checkpoint_every):
             save_checkpoint(checkpoint, dict(
-                epoch=epoch, layer0={k: v.cpu() for k, v in net.layer0.state_dict().items()}, opt=opt.state_dict(), rng=rng.bit_generator.state,
+                epoch=epoch, net={k: v.cpu() for k, v in net.state_dict().items()}, opt=opt.state_dict(), rng=rng.bit_generator.state,
                 torch_rng=torch.get_rng_state(), scale=scale, best=best, best_epoch=best_epoch, history=history,
                 best_state={k: v.cpu() for k, v in best_state.items()}))
             saved = time.perf_counter()
         if stopping:
             raise KeyboardInterrupt(f"{model}: stopped after epoch {epoch}")
-    net.layer0.load_state_dict(best_state)
+    net.load_state_dict(best_state)
     test_m = evaluate(ev_test)
     user_emb, item_emb = net.embeddings()
     with torch.no_grad():

@@ -104,11 +104,18 @@ def parse_args(argv=None):
                         "--lr, the others at --lr (chosen on TikTok's valid split)")
     g.add_argument("--no-rescale", action="store_true",
                    help="fine-tune the pre-trained start at its own scale, not the one that fits BPR")
-    g.add_argument("--start", choices=("pretrained", "best"), default="pretrained",
+    g.add_argument("--content-view", choices=("auto", "on", "off"), default="auto",
+                   help="add MGCN's view of item content to the recommender's output, trained with it in every "
+                        "step (recommender.ContentView). auto: on for mmcpr where items have content, off for a "
+                        "baseline alone (on: LightGCN or MF with MGCN's view)")
+    g.add_argument("--content-nce", type=float, default=1e-3,
+                   help="--content-view: weight of MGCN's InfoNCE between the view and the recommender's output")
+    g.add_argument("--start", choices=("pretrained", "best"),
                    help="mmcpr: the fine-tuning's start. best: also train the recommender from its own random "
                         "start at the kept L2 (on the CPU, bit for bit the baseline alone with the same flags) and "
                         "keep the start with the higher valid Recall@20 (the new items: cold-valid), so the "
-                        "pre-training is kept only where valid says it helps")
+                        "pre-training is kept only where valid says it helps. Default: best with a content view "
+                        "(which on TikTok's valid trains better from the random start), else pretrained")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=100)
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
@@ -192,7 +199,7 @@ def parse_args(argv=None):
     for name in ("lr", "pretrain_lr"):
         if getattr(args, name) is not None and not 0 < getattr(args, name) < np.inf:
             p.error(f"--{name.replace('_', '-')} must be a positive number")
-    for name in ("pretrain_l2", "lambda_align"):
+    for name in ("pretrain_l2", "lambda_align", "content_nce"):
         if not 0 <= getattr(args, name) < np.inf:
             p.error(f"--{name.replace('_', '-')} must be a non-negative number")
     try:
@@ -243,6 +250,16 @@ def inputs(args, data, model):
         pool = "item" if warm is None else f"warm item ({n_pool} once --cold-items holds the new ones out)"
         raise DataError(f"{data['name']}: user {full[0]} has trained on every {pool}: no negative to sample")
     return item_feats, user_feat, warm
+
+
+def content_view(args, model, item_feats):
+    """The item features [I, f] of the recommender's content view (--content-view), or None where it
+    is off: auto turns it on for mmcpr where the items have content, and off for a baseline alone,
+    which stays the model its name says."""
+    if args.content_view == "on" and not item_feats:
+        raise DataError("--content-view on: no item content modality to view")
+    on = args.content_view == "on" or (args.content_view == "auto" and model == "mmcpr")
+    return list(item_feats.values()) if on and item_feats else None
 
 
 def train_matrix(data):
@@ -313,11 +330,12 @@ def pretrained_start(args, data, item_feats, user_feat, warm, pre, downstream):
     return start
 
 
-def fine_tune(args, data, downstream, start, warm, prog, stop, timings):
+def fine_tune(args, data, downstream, start, warm, content, prog, stop, timings):
     """The L2 grid (MMRec's convention): every value fine-tunes the same start (the pre-trained one,
     `start()` giving its keyword arguments for recommender.train; or, start None, the recommender's
-    own random one) with early stopping, and the one with the best valid Recall@20 is kept.
-    --start best then also trains the random start at that L2, and valid keeps the better start.
+    own random one) with early stopping, and the one with the best valid Recall@20 is kept; content:
+    the content view's item features, or None. --start best (the default with a content view)
+    then also trains the random start at that L2, and valid keeps the better start.
     Test is never read to choose. Returns ({start: train()'s result}, the models the new items may
     be served from; the choices for metrics.json: l2, grid, start, scratch)."""
 
@@ -327,7 +345,8 @@ def fine_tune(args, data, downstream, start, warm, prog, stop, timings):
                 r = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
                                       model=downstream, layers=args.ui_layers, dim=args.dim, lr=args.lr, l2=l2,
                                       batch=args.batch, epochs=args.epochs, patience=args.patience, ks=args.topk,
-                                      rescale=not args.no_rescale, items=warm,
+                                      rescale=not args.no_rescale, items=warm, content=content, knn=args.knn,
+                                      content_nce=args.content_nce,
                                       device=args.device, seed=args.seed, log=print,
                                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stop=stop,
                                       **(start() if start else {}))
@@ -350,14 +369,14 @@ def fine_tune(args, data, downstream, start, warm, prog, stop, timings):
               + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
     kept_start = "pretrained" if start else "scratch"
     trained, scratch = {kept_start: res}, None
-    if start and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
+    if start and (args.start or ("best" if content else "pretrained")) == "best":  # valid decides, test is not read
         print(f"--- {downstream} from its own random start (scratch), l2 {kept:g}")
         own = trained["scratch"] = unit(f"scratch-{kept!r}", kept)
         scratch = {"best_epoch": own["best_epoch"], "valid_recall@20": own["valid"]["recall@20"]}
         kept_start = "scratch" if own["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
         print(f"start kept: {kept_start} (valid recall@20: pretrained {res['valid']['recall@20']:.4f}, "
               f"scratch {own['valid']['recall@20']:.4f})")
-    return trained, dict(l2=kept, grid=grid, start=kept_start, scratch=scratch)
+    return trained, dict(l2=kept, grid=grid, start=kept_start, scratch=scratch, content_view=content is not None)
 
 
 def run(args, data, model, load_seconds, out, stop=None):
@@ -371,12 +390,13 @@ def run(args, data, model, load_seconds, out, stop=None):
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
     downstream = args.recommender if model == "mmcpr" else model
     item_feats, user_feat, warm = inputs(args, data, model)
+    content = content_view(args, model, item_feats)
     prog = runfolder.open_progress(args, model, out, trained_on(data))
     pre = pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings) if model == "mmcpr" else {}
 
     t = time.perf_counter()
     start = pretrained_start(args, data, item_feats, user_feat, warm, pre, downstream) if pre else None
-    trained, chosen = fine_tune(args, data, downstream, start, warm, prog, stop, timings)
+    trained, chosen = fine_tune(args, data, downstream, start, warm, content, prog, stop, timings)
     res = trained[chosen["start"]]
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
 

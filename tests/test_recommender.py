@@ -309,6 +309,83 @@ def test_lightgcn_backward_matches_dense_and_refuses_an_asymmetric_matrix():
         rec.LightGCN(n_users, n_items, B.to_sparse_csr(), 2, 4)
 
 
+@SETTINGS
+@given(st.integers(2, 25), st.integers(1, 6), st.integers(2, 8), st.booleans(), st.integers(0, 2**31 - 1))
+def test_knn_adjacency_averages_the_k_nearest_items_by_content(n, k, f, pooled, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, f))
+    items = np.sort(rng.choice(n, rng.integers(1, n + 1), replace=False)) if pooled else None
+    A, At = (m.to_dense().numpy() for m in rec.knn_adjacency(x, k, items, batch=3))
+    np.testing.assert_array_equal(At, A.T)
+    pool = np.arange(n) if items is None else items
+    new = np.setdiff1d(np.arange(n), pool)
+    assert not A[new].any() and not A[:, new].any()  # outside the catalogue: no edge at all
+    assert ((A[pool] > 0).sum(1) == min(k, len(pool))).all()
+    np.testing.assert_allclose(A[pool].sum(1), 1, rtol=1e-6)  # each row a mean of its neighbours
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    S = (xn @ xn.T)[np.ix_(pool, pool)]
+    nb = A[np.ix_(pool, pool)] > 0
+    assert (np.where(nb, S, np.inf).min(1) >= np.where(nb, -np.inf, S).max(1) - 1e-5).all()  # nearest first
+
+
+def _view(n_modalities, dim=4, seed=0):
+    n_users, n_items, train, _, _ = _toy(seed)
+    rng = np.random.default_rng(seed)
+    feats = [rng.standard_normal((n_items, 3 + m)) for m in range(n_modalities)]
+    adj = rec.bipartite_adjacency(n_users, n_items, *train)
+    torch.manual_seed(seed)
+    return n_users, n_items, train, rec.ContentView(feats, adj, n_users, dim, knn=3)
+
+
+def test_content_view_is_mgcns_by_hand_and_users_see_it_through_the_user_item_graph():
+    """One modality: the attention has one choice and the modality no part of its own, so the
+    side is half the view: items A (e ⊙ σ(W_g W f)) / 2, users R̂ times that."""
+    n_users, n_items, train, view = _view(1)
+    ego, h = torch.randn(n_users + n_items, 4), torch.randn(n_users + n_items, 4)
+    side = view(ego[n_users:], h).detach()
+    A = view.graphs[0][0].to_dense()
+    gate = view.gate[0](view.project[0](view.feat[0])).detach()
+    torch.testing.assert_close(side[n_users:], A @ (ego[n_users:] * gate) / 2)
+    R = torch.tensor(dense_adjacency(n_users, n_items, *train)[:n_users, n_users:], dtype=torch.float32)
+    torch.testing.assert_close(side[:n_users], R @ side[n_users:])
+
+
+def test_content_view_trains_every_part_and_its_infonce_is_bounded():
+    n_users, n_items, _, view = _view(2)
+    net = rec.LightGCN(n_users, n_items, view.adj, 2, 4, view=view)
+    final, h, side = net.final(net.layer0())
+    torch.testing.assert_close(final, h + side)
+    torch.testing.assert_close(net(), final)
+    nodes = torch.tensor([[0, 1, 2, 3, 1], [n_users, n_users + 4, n_users + 7, n_users + 2, n_users + 9]])
+    view.nce = 1.0
+    nce = view.contrast(side, h, nodes)
+    assert 0 <= nce.item() <= 2 * (math.log(5) + 2 / view.tau)  # each group: >= 0, <= log B + 2/tau
+    ((final * torch.randn_like(final)).sum() + nce).backward()
+    for name, p in net.named_parameters():  # IDs, features, projectors, gates, preferences, attention
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_spmm_backward_is_the_transpose_product():
+    A = torch.randn(5, 4).relu()
+    X = torch.randn(4, 3, requires_grad=True)
+    W = torch.randn(5, 3)
+    (rec.SpMM.apply(A.to_sparse_csr(), A.T.to_sparse_csr(), X) * W).sum().backward()
+    torch.testing.assert_close(X.grad, A.T @ W)
+
+
+def test_a_content_view_trains_learns_and_leaves_its_features_untouched(toy):
+    d = toy[1]
+    feats = [d["item_feats"][m] for m in sorted(d["item_feats"])]
+    before = [f.copy() for f in feats]
+    pos = (d["n_users"], d["n_items"], d["train"], d["valid"], d["test"])
+    kw = dict(model="lightgcn", epochs=8, patience=8, batch=64, lr=1e-2, ks=(20,), log=quiet)
+    r = recommender.train(*pos, **kw, content=feats)
+    assert r["history"][-1]["loss"] < r["history"][1]["loss"]
+    assert all(np.array_equal(a, b) for a, b in zip(feats, before))  # its trainable tables are copies
+    plain = recommender.train(*pos, **kw)
+    assert not np.allclose(plain["item_emb"], r["item_emb"])
+
+
 @pytest.mark.parametrize("model", ["mf", "lightgcn"])
 def test_early_stopping_restores_the_best_epoch(monkeypatch, model):
     """Valid Recall@20 scripted as 0.1, 0.2, 0.5, 0.3, 0.4, 0.45: with patience 3 training stops
@@ -477,14 +554,16 @@ def test_recommend_is_the_brute_force_top_k_of_unseen_items(n_users, n_items, k,
         assert scores[row][:len(got)].tolist() == pytest.approx([(U[u] @ I[i]).item() for i in want], rel=1e-5)
 
 
-@pytest.mark.parametrize("model", ["mf", "lightgcn"])
+@pytest.mark.parametrize("model", ["mf", "lightgcn", "lightgcn+view"])
 def test_fine_tuning_stopped_then_killed_ends_as_an_uninterrupted_one(toy, tmp_path, model):
     d = toy[1]
     rng = np.random.default_rng(1)
     pos = (d["n_users"], d["n_items"], d["train"], d["valid"], d["test"])
     # from a given start, rescaled (fit_scale) before epoch 1: a resumed training must not redo that
-    kw = dict(model=model, epochs=12, patience=12, batch=64, lr=1e-2, l2=1e-3, ks=(20,), log=quiet,
-              user_init=rng.standard_normal((d["n_users"], 8)), item_init=rng.standard_normal((d["n_items"], 8)))
+    kw = dict(model=model.removesuffix("+view"), epochs=12, patience=12, batch=64, lr=1e-2, l2=1e-3, ks=(20,),
+              log=quiet, user_init=rng.standard_normal((d["n_users"], 8)),
+              item_init=rng.standard_normal((d["n_items"], 8)),
+              content=list(d["item_feats"].values()) if model.endswith("+view") else None)
     want = recommender.train(*pos, **kw)
     ck = str(tmp_path / "ck.pt")
     with pytest.raises(KeyboardInterrupt):  # stopped after epoch 3: checkpoint written
