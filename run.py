@@ -104,17 +104,17 @@ def parse_args(argv=None):
                         "--lr, the others at --lr (chosen on TikTok's valid split)")
     g.add_argument("--no-rescale", action="store_true",
                    help="fine-tune the pre-trained start at its own scale, not the one that fits BPR")
-    g.add_argument("--content-view", choices=("auto", "on", "off"), default="auto",
-                   help="add MGCN's view of item content to the recommender's output, trained with it in every "
-                        "step (recommender.ContentView). auto: on for mmcpr where items have content, off for a "
-                        "baseline alone (on: LightGCN or MF with MGCN's view)")
+    g.add_argument("--content-view", action="store_true",
+                   help="add MGCN's view of the item content modalities to the recommender's output, trained with "
+                        "it in every step (recommender.ContentView); with --model lightgcn or mf: that baseline "
+                        "with MGCN's view")
     g.add_argument("--content-nce", type=float, default=1e-3,
                    help="--content-view: weight of MGCN's InfoNCE between the view and the recommender's output")
     g.add_argument("--start", choices=("pretrained", "best"),
                    help="mmcpr: the fine-tuning's start. best: also train the recommender from its own random "
                         "start at the kept L2 (on the CPU, bit for bit the baseline alone with the same flags) and "
                         "keep the start with the higher valid Recall@20 (the new items: cold-valid), so the "
-                        "pre-training is kept only where valid says it helps. Default: best with a content view "
+                        "pre-training is kept only where valid says it helps. Default: best with --content-view "
                         "(which on TikTok's valid trains better from the random start), else pretrained")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=100)
@@ -252,14 +252,11 @@ def inputs(args, data, model):
     return item_feats, user_feat, warm
 
 
-def content_view(args, model, item_feats):
-    """The item features [I, f] of the recommender's content view (--content-view), or None where it
-    is off: auto turns it on for mmcpr where the items have content, and off for a baseline alone,
-    which stays the model its name says."""
-    if args.content_view == "on" and not item_feats:
-        raise DataError("--content-view on: no item content modality to view")
-    on = args.content_view == "on" or (args.content_view == "auto" and model == "mmcpr")
-    return list(item_feats.values()) if on and item_feats else None
+def content_view(args, item_feats):
+    """The item features [I, f] of the recommender's content view (--content-view), or None."""
+    if args.content_view and not item_feats:
+        raise DataError("--content-view: no item content modality to view")
+    return list(item_feats.values()) if args.content_view else None
 
 
 def train_matrix(data):
@@ -334,7 +331,7 @@ def fine_tune(args, data, downstream, start, warm, content, prog, stop, timings)
     """The L2 grid (MMRec's convention): every value fine-tunes the same start (the pre-trained one,
     `start()` giving its keyword arguments for recommender.train; or, start None, the recommender's
     own random one) with early stopping, and the one with the best valid Recall@20 is kept; content:
-    the content view's item features, or None. --start best (the default with a content view)
+    the content view's item features, or None. --start best (the default with --content-view)
     then also trains the random start at that L2, and valid keeps the better start.
     Test is never read to choose. Returns ({start: train()'s result}, the models the new items may
     be served from; the choices for metrics.json: l2, grid, start, scratch)."""
@@ -390,7 +387,7 @@ def run(args, data, model, load_seconds, out, stop=None):
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
     downstream = args.recommender if model == "mmcpr" else model
     item_feats, user_feat, warm = inputs(args, data, model)
-    content = content_view(args, model, item_feats)
+    content = content_view(args, item_feats)
     prog = runfolder.open_progress(args, model, out, trained_on(data))
     pre = pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings) if model == "mmcpr" else {}
 

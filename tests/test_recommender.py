@@ -452,7 +452,8 @@ def test_fit_scale_minimises_the_bpr_loss_and_is_scale_equivariant(data, model, 
     assert s > 0
     best = _bpr(make(s), node)
     for f in (0.8, 1.25):
-        assert best <= _bpr(make(s * f), node) + 1e-6
+        if 1e-6 <= (s * f) ** 2 <= 1e6:  # the searched interval of q = s²: at its edge the fit stops there
+            assert best <= _bpr(make(s * f), node) + 1e-6
     q = s * s  # searched in [1e-6, 1e6]; inside, the fit is equivariant: a start c times larger gets s / c
     assume(1e-5 < q * min(1, c ** -2) and q * max(1, c ** -2) < 1e5)
     assert rec.fit_scale(make(c), node) == pytest.approx(s / c, rel=1e-3)

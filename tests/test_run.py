@@ -52,8 +52,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2 and "--tau must be at least 0.025" in p.stderr and "Traceback" not in p.stderr
     p = run("--data", data, "--modality-dropout", "1")
     assert p.returncode == 2 and "--modality-dropout must be in [0, 1)" in p.stderr
-    p = run("--data", make_dataset(tmp_path / "good"), "--model", "lightgcn", "--content-view", "on", "--modalities", "none")
-    assert p.returncode == 2 and p.stderr.strip() == "error: --content-view on: no item content modality to view"
+    p = run("--data", make_dataset(tmp_path / "good"), "--model", "lightgcn", "--content-view", "--modalities", "none")
+    assert p.returncode == 2 and p.stderr.strip() == "error: --content-view: no item content modality to view"
     full = tmp_path / "full"  # user 0 has trained on all four items
     full.mkdir()
     (full / "full.inter").write_text("userID\titemID\tx_label\n0\t0\t0\n0\t1\t0\n0\t2\t0\n0\t3\t0\n"
@@ -244,26 +244,25 @@ def test_recommender_flags_reach_fine_tuning(tmp_path, monkeypatch):
     assert seen["model"] == "lightgcn" and seen["rescale"] is True and m["start_scale"] > 0
 
 
-def test_the_content_view_is_on_for_mmcpr_with_content_and_then_valid_weighs_the_start(tmp_path, monkeypatch):
-    """Default: MMCPR's fine-tuning gets MGCN's view of every item modality, and --start best; a
-    baseline alone stays itself unless asked; without content there is nothing to view."""
-    seen, m = fake_train_run(tmp_path / "a", monkeypatch, "mmcpr", "--l2", "1e-2")
-    assert len(seen["content"]) == 2 and m["content_view"] and m["scratch"] is not None
-    seen, m = fake_train_run(tmp_path / "b", monkeypatch, "lightgcn", "--l2", "1e-2")
-    assert seen["content"] is None and not m["content_view"]
-    seen, m = fake_train_run(tmp_path / "c", monkeypatch, "lightgcn", "--l2", "1e-2", "--content-view", "on")
+def test_the_content_view_reaches_fine_tuning_and_then_valid_weighs_the_start(tmp_path, monkeypatch):
+    """--content-view: the fine-tuning gets MGCN's view of every item modality, and --start best
+    by default; a baseline given the flag gets the view too; without the flag, no view."""
+    seen, m = fake_train_run(tmp_path / "a", monkeypatch, "mmcpr", "--l2", "1e-2", "--content-view")
     assert sorted(f.shape[1] for f in seen["content"]) == [7, 12] and m["content_view"]
-    seen, m = fake_train_run(tmp_path / "d", monkeypatch, "mmcpr", "--l2", "1e-2", "--modalities", "none")
-    assert seen["content"] is None and m["scratch"] is None
+    assert m["scratch"] is not None and seen["knn"] == 10 and seen["content_nce"] == 1e-3
+    seen, m = fake_train_run(tmp_path / "b", monkeypatch, "lightgcn", "--l2", "1e-2", "--content-view")
+    assert len(seen["content"]) == 2 and m["content_view"]
+    seen, m = fake_train_run(tmp_path / "c", monkeypatch, "mmcpr", "--l2", "1e-2")
+    assert seen["content"] is None and not m["content_view"] and m["scratch"] is None
 
 
 def test_the_default_fine_tuning_is_the_vector_hand_off_as_before(tmp_path, monkeypatch):
     """No --finetune: the pre-trained vectors are handed over and fine-tuned as before --finetune
-    network existed; with the content view off, as before it existed too. The numbers are that
-    code's (commit bd93cd2) on the toy set at one thread; a change of the default path moves them
-    far more than the tolerance (float rounding across machines)."""
+    network existed (and --content-view). The numbers are that code's (commit bd93cd2) on the toy
+    set at one thread; a change of the default path moves them far more than the tolerance (float
+    rounding across machines)."""
     seen, m = fake_train_run(tmp_path, monkeypatch, "mmcpr", "--epochs", "3", "--pretrain-epochs", "2", "--l2", "1e-2",
-                             "--seed", "1", "--content-view", "off", threads=1)
+                             "--seed", "1", threads=1)
     assert "layer0" not in seen and seen["user_init"].shape == (60, 64) and m["args"]["finetune"] == "vectors"
     assert m["start_scale"] == pytest.approx(1.6200081655973688, rel=1e-5)
     assert [h["loss"] for h in m["history"]] == pytest.approx(
