@@ -482,7 +482,7 @@ def train(n_users, n_items, train_pairs, valid, test, *, model="mf", layers=None
     seconds have passed since the last write, and on stopping. It holds
     everything later epochs depend on: layer 0's and the view's state, Adam's state, the numpy
     and torch RNG states, the start's scale, the history, the best epoch and
-    its layer 0; so a resumed training ends as an uninterrupted one, bit for
+    its state; so a resumed training ends as an uninterrupted one, bit for
     bit on the CPU at the same thread count. It must come from the same call.
     stop (a callable): asked at the end of every epoch; once it returns True the
     checkpoint is written and KeyboardInterrupt raised.

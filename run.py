@@ -12,7 +12,8 @@ A run reads top-down, as the paper's pipeline (run):
     load          features.py (a raw folder, converted once), data.py (the MMRec layout, splits)
     pre-train     mmcpr.py: graphs, intra- and inter-modal aggregation, BCE + InfoNCE
     fine-tune     recommender.py: MF-BPR or LightGCN from the pre-trained start, the L2 grid
-                  chosen on valid; evaluated on test at the best valid epoch
+                  chosen on valid (--content-view: with MGCN's view of the item content);
+                  evaluated on test at the best valid epoch
     new items     newitems.py: the content head that ranks items without pairs
     new users     newusers.py: a user without a row placed from their history
     deliver       runfolder.py: model.npz, recommendations.tsv, metrics.json
