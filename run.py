@@ -123,7 +123,8 @@ def parse_args(argv=None):
     g.add_argument("--align-batch", type=int, default=1024, help="most items in one InfoNCE group")
     g.add_argument("--pretrain-lr", type=float, default=1e-2)
     g.add_argument("--pretrain-l2", type=float, default=1e-3, help="L2 weight on the batch's ego representations")
-    g.add_argument("--knn", type=int, default=10, help="neighbours kept per node in the homogeneous graphs")
+    g.add_argument("--knn", type=int, default=10,
+                   help="neighbours kept per node in the homogeneous graphs (and in --content-view's item graphs)")
     g.add_argument("--layers", type=int, default=3, help="GCN layers of intra-modal aggregation")
     g.add_argument("--neg", type=int, default=8, help="sampled negatives per observed pair (BCE)")
     g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature")
