@@ -220,6 +220,8 @@ def parse_args(argv=None):
         p.error(f"--finetune network: --model {args.model} has no pre-trained network")
     if args.start == "best" and args.model != "mmcpr" and args.data is not None:
         p.error(f"--start best: --model {args.model} has no pre-trained start to weigh")
+    if args.start is None:  # the view trains better from the random start on TikTok's valid: let valid weigh it
+        args.start = "best" if args.content_view and args.model == "mmcpr" else "pretrained"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -368,7 +370,7 @@ def fine_tune(args, data, downstream, start, warm, content, prog, stop, timings)
               + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
     kept_start = "pretrained" if start else "scratch"
     trained, scratch = {kept_start: res}, None
-    if start and (args.start or ("best" if content else "pretrained")) == "best":  # valid decides, test is not read
+    if start and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
         print(f"--- {downstream} from its own random start (scratch), l2 {kept:g}")
         own = trained["scratch"] = unit(f"scratch-{kept!r}", kept)
         scratch = {"best_epoch": own["best_epoch"], "valid_recall@20": own["valid"]["recall@20"]}

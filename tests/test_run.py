@@ -250,10 +250,12 @@ def test_the_content_view_reaches_fine_tuning_and_then_valid_weighs_the_start(tm
     seen, m = fake_train_run(tmp_path / "a", monkeypatch, "mmcpr", "--l2", "1e-2", "--content-view")
     assert sorted(f.shape[1] for f in seen["content"]) == [7, 12] and m["content_view"]
     assert m["scratch"] is not None and seen["knn"] == 10 and seen["content_nce"] == 1e-3
+    assert m["args"]["start"] == "best"  # metrics.json names the start rule that ran
     seen, m = fake_train_run(tmp_path / "b", monkeypatch, "lightgcn", "--l2", "1e-2", "--content-view")
     assert len(seen["content"]) == 2 and m["content_view"]
     seen, m = fake_train_run(tmp_path / "c", monkeypatch, "mmcpr", "--l2", "1e-2")
     assert seen["content"] is None and not m["content_view"] and m["scratch"] is None
+    assert m["args"]["start"] == "pretrained"
 
 
 def test_the_default_fine_tuning_is_the_vector_hand_off_as_before(tmp_path, monkeypatch):
