@@ -332,12 +332,14 @@ class ContentView(nn.Module):
         return (own + common) / (len(views) + 1)
 
     def contrast(self, side, h, nodes):
-        """nce · InfoNCE(side, h) on the rows `nodes` (the batch's users, then its items, each
-        group a softmax of its own): a node's view of content agrees with its collaborative h."""
+        """nce · InfoNCE(side, h) on the distinct rows of each group in `nodes` (the batch's users,
+        then its items, each group a softmax of its own): a node's view of content agrees with its
+        collaborative h. Distinct rows (ours; MGCN's keeps a batch's repeats): a node drawn twice
+        would count its own positive among its negatives, and cost a row and a column more."""
         def info_nce(a, b):  # [B, d] twice: row r's positive is b[r], the other rows its negatives
-            a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-            return (torch.logsumexp(a @ b.T / self.tau, dim=1) - (a * b).sum(1) / self.tau).mean()
-        return self.nce * sum(info_nce(side[n], h[n]) for n in nodes)
+            a, b = F.normalize(a, dim=1) / self.tau, F.normalize(b, dim=1)  # 1/τ in a's rows, not in B² logits
+            return (torch.logsumexp(a @ b.T, dim=1) - (a * b).sum(1)).mean()
+        return self.nce * sum(info_nce(side[n], h[n]) for n in map(torch.unique, nodes))
 
 
 def bpr_loss(pos_scores, neg_scores):
