@@ -332,14 +332,17 @@ class ContentView(nn.Module):
         return (own + common) / (len(views) + 1)
 
     def contrast(self, side, h, nodes):
-        """nce · InfoNCE(side, h) on the distinct rows of each group in `nodes` (the batch's users,
-        then its items, each group a softmax of its own): a node's view of content agrees with its
-        collaborative h. Distinct rows (ours; MGCN's keeps a batch's repeats): a node drawn twice
-        would count its own positive among its negatives, and cost a row and a column more."""
-        def info_nce(a, b):  # [B, d] twice: row r's positive is b[r], the other rows its negatives
-            a, b = F.normalize(a, dim=1) / self.tau, F.normalize(b, dim=1)  # 1/τ in a's rows, not in B² logits
-            return (torch.logsumexp(a @ b.T, dim=1) - (a * b).sum(1)).mean()
-        return self.nce * sum(info_nce(side[n], h[n]) for n in map(torch.unique, nodes))
+        """nce · InfoNCE(side, h) on the rows `nodes` (the batch's users, then its items, each
+        group a softmax of its own): a node's view of content agrees with its collaborative h.
+        MGCN's loss counts a node the batch drew n times as n rows, each with n - 1 copies of its
+        positive among its negatives; the same loss is computed here on the distinct rows, each
+        weighted by n, each column standing for its n copies (+ log n): D² logits, not B²."""
+        def info_nce(a, b, n):  # [D, d] twice, n [D]: row r's positive is b[r], the other rows its negatives
+            a, b = F.normalize(a, dim=1) / self.tau, F.normalize(b, dim=1)  # 1/τ in a's rows, not in D² logits
+            loss = torch.logsumexp(a @ b.T + n.log(), dim=1) - (a * b).sum(1)  # [D]
+            return (loss * n).sum() / n.sum()
+        groups = (torch.unique(g, return_counts=True) for g in nodes)
+        return self.nce * sum(info_nce(side[u], h[u], n.float()) for u, n in groups)
 
 
 def bpr_loss(pos_scores, neg_scores):

@@ -366,25 +366,26 @@ def test_content_view_trains_every_part_and_its_infonce_is_bounded():
 
 
 @SETTINGS
-@given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**31 - 1))
-def test_content_view_infonce_is_the_formula_over_each_groups_distinct_nodes(n_users, n_items, seed):
-    """Each group (users, items) scores mean_r [log Σ_c exp(cos(s_r, h_c)/τ) - cos(s_r, h_r)/τ]
-    over its distinct nodes: a node the batch drew twice is one row, never its own negative."""
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 8), st.integers(0, 2**31 - 1))
+def test_content_view_infonce_is_mgcns_over_the_batch_with_its_repeats(n_users, n_items, repeats, seed):
+    """Each group (users, items) scores MGCN's mean_p [log Σ_q exp(cos(s_p, h_q)/τ) - cos(s_p, h_p)/τ]
+    over the batch's positions p, q, a node drawn twice being two rows: contrast() computes
+    it on the distinct nodes."""
     rng = np.random.default_rng(seed)
     side, h = rng.standard_normal((2, n_users + n_items, 3))
     groups = [np.arange(n_users), n_users + np.arange(n_items)]
-    B = 2 * max(n_users, n_items) + 1  # each node drawn once, then B - len(g) repeats at random
-    drawn = torch.tensor(np.stack([rng.permutation(np.r_[g, rng.choice(g, B - len(g))]) for g in groups]))
+    B = max(n_users, n_items) + repeats  # each node drawn once, then B - len(g) repeats at random
+    drawn = np.stack([rng.permutation(np.r_[g, rng.choice(g, B - len(g))]) for g in groups])
     view = _view(1)[3]
     view.nce = 0.5
 
-    def info_nce(g):
-        s, t = (x[g] / np.linalg.norm(x[g], axis=1, keepdims=True) for x in (side, h))
+    def info_nce(p):  # p [B]: node ids, repeats and all
+        s, t = (x[p] / np.linalg.norm(x[p], axis=1, keepdims=True) for x in (side, h))
         logits = s @ t.T / view.tau
         return np.mean(np.log(np.exp(logits).sum(1)) - np.diag(logits))
 
-    got = view.contrast(torch.tensor(side, dtype=torch.float32), torch.tensor(h, dtype=torch.float32), drawn)
-    np.testing.assert_allclose(got.item(), 0.5 * sum(info_nce(g) for g in groups), rtol=1e-5, atol=1e-6)
+    got = view.contrast(*(torch.tensor(x, dtype=torch.float32) for x in (side, h)), torch.tensor(drawn))
+    np.testing.assert_allclose(got.item(), 0.5 * sum(info_nce(p) for p in drawn), rtol=1e-5, atol=1e-6)
 
 
 def test_spmm_backward_is_the_transpose_product():
