@@ -116,8 +116,9 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
     only) and what model.npz keeps of it, for run.py. Content: the item modalities and, if tags, the
     item tags (categories, release year; a block each). The paper's text modality holds those
     words too, through a sentence encoder; read as tags they are worth more to a linear head
-    (README, New items). `trained`: {start: train()'s result}, the fine-tuned models it may serve
-    from (--start best: the pre-trained start's and the random start's, "scratch").
+    (README, New items). `trained`: {name: train()'s result}, the fine-tuned models it may serve
+    from (run.py's candidates: "pretrained", and "scratch" from the random start, each "+view"
+    with the content view).
     Its settings (ridge, profile weight, start) are chosen on cold-valid Recall@20 with
     --cold-items, and a tag is a column only where two or more trained items carry it (the
     conversion counts every item, new ones too). Without, a catalogue still gets new items tomorrow, so they are chosen on

@@ -12,8 +12,9 @@ A run reads top-down, as the paper's pipeline (run):
     load          features.py (a raw folder, converted once), data.py (the MMRec layout, splits)
     pre-train     mmcpr.py: graphs, intra- and inter-modal aggregation, BCE + InfoNCE
     fine-tune     recommender.py: MF-BPR or LightGCN from the pre-trained start, the L2 grid
-                  chosen on valid (--content-view: with MGCN's view of the item content);
-                  evaluated on test at the best valid epoch
+                  chosen on valid; then, at that L2, with MGCN's view of the item content (from
+                  both starts), valid keeping the best (--content-view, --start); evaluated on
+                  test at the best valid epoch
     new items     newitems.py: the content head that ranks items without pairs
     new users     newusers.py: a user without a row placed from their history
     deliver       runfolder.py: model.npz, recommendations.tsv, metrics.json
@@ -105,18 +106,20 @@ def parse_args(argv=None):
                         "--lr, the others at --lr (chosen on TikTok's valid split)")
     g.add_argument("--no-rescale", action="store_true",
                    help="fine-tune the pre-trained start at its own scale, not the one that fits BPR")
-    g.add_argument("--content-view", action="store_true",
-                   help="add MGCN's view of the item content modalities to the recommender's output, trained with "
-                        "it in every step (recommender.ContentView); with --model lightgcn or mf: that baseline "
-                        "with MGCN's view")
+    g.add_argument("--content-view", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
+                   help="MGCN's view of the item content modalities, added to the recommender's output and trained "
+                        "with it in every step (recommender.ContentView). auto (default): mmcpr with item content "
+                        "also fine-tunes with the view at the kept L2, and valid keeps the better (a baseline: "
+                        "off); on (the bare flag): always, the grid too, and with --model lightgcn or mf that "
+                        "baseline with MGCN's view; off: never")
     g.add_argument("--content-nce", type=float, default=1e-3,
                    help="--content-view: weight of MGCN's InfoNCE between the view and the recommender's output")
     g.add_argument("--start", choices=("pretrained", "best"),
                    help="mmcpr: the fine-tuning's start. best: also train the recommender from its own random "
                         "start at the kept L2 (on the CPU, bit for bit the baseline alone with the same flags) and "
                         "keep the start with the higher valid Recall@20 (the new items: cold-valid), so the "
-                        "pre-training is kept only where valid says it helps. Default: best with --content-view "
-                        "(which on TikTok's valid trains better from the random start), else pretrained")
+                        "pre-training is kept only where valid says it helps. Default: best with the content view "
+                        "(which on TikTok's valid trains better from the random start), pretrained without it")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=100)
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
@@ -220,8 +223,6 @@ def parse_args(argv=None):
         p.error(f"--finetune network: --model {args.model} has no pre-trained network")
     if args.start == "best" and args.model != "mmcpr" and args.data is not None:
         p.error(f"--start best: --model {args.model} has no pre-trained start to weigh")
-    if args.start is None:  # the view trains better from the random start on TikTok's valid: let valid weigh it
-        args.start = "best" if args.content_view and args.model == "mmcpr" else "pretrained"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -256,11 +257,13 @@ def inputs(args, data, model):
     return item_feats, user_feat, warm
 
 
-def content_view(args, item_feats):
-    """The item features [I, f] of the recommender's content view (--content-view), or None."""
-    if args.content_view and not item_feats:
+def content_view(args, item_feats, model):
+    """The item features [I, f] the recommender's content view sees (--content-view), or None where
+    no fine-tuning has the view: off; auto for a baseline, or for items without content."""
+    if args.content_view == "on" and not item_feats:
         raise DataError("--content-view: no item content modality to view")
-    return list(item_feats.values()) if args.content_view else None
+    wanted = args.content_view == "on" or (args.content_view == "auto" and model == "mmcpr")
+    return list(item_feats.values()) if wanted and item_feats else None
 
 
 def train_matrix(data):
@@ -332,15 +335,17 @@ def pretrained_start(args, data, item_feats, user_feat, warm, pre, downstream):
 
 
 def fine_tune(args, data, downstream, start, warm, content, prog, stop, timings):
-    """The L2 grid (MMRec's convention): every value fine-tunes the same start (the pre-trained one,
-    `start()` giving its keyword arguments for recommender.train; or, start None, the recommender's
-    own random one) with early stopping, and the one with the best valid Recall@20 is kept; content:
-    the content view's item features, or None. --start best (the default with --content-view)
-    then also trains the random start at that L2, and valid keeps the better start.
-    Test is never read to choose. Returns ({start: train()'s result}, the models the new items may
-    be served from; the choices for metrics.json: l2, grid, start, scratch)."""
+    """The fine-tunings valid weighs; test is never read. First the L2 grid (MMRec's convention):
+    every value fine-tunes the same start (the pre-trained one, `start()` giving its keyword
+    arguments for recommender.train; or, start None, the recommender's own random one) with early
+    stopping, and the value with the best valid Recall@20 is kept. Then, at that L2, the other
+    candidates: the random start (--start best, and by default with the view) and, with
+    --content-view auto, the recommender with MGCN's view (content: the view's item features, or
+    None). The candidate with the best valid Recall@20 is kept, on a tie the first. Returns
+    ({candidate: train()'s result}, the models the new items may be served from; the choices for
+    metrics.json: l2, grid, kept (the candidate), start, content_view, candidates)."""
 
-    def unit(name, l2, start=None):  # one fine-tuning, a resumable unit of the run
+    def unit(name, l2, start, content):  # one fine-tuning, a resumable unit of the run
         def train(checkpoint):
             try:
                 r = recommender.train(data["n_users"], data["n_items"], data["train"], data["valid"], data["test"],
@@ -357,27 +362,39 @@ def fine_tune(args, data, downstream, start, warm, content, prog, stop, timings)
             return r
         return runfolder.unit(prog, name, stop, train)
 
+    candidates = []  # (name, start or None, the view's features or None), the grid's first
+    for view in [content] if args.content_view == "on" else [None] + ([content] if content is not None else []):
+        suffix = "" if view is None else "+view"
+        if start:
+            candidates.append(("pretrained" + suffix, start, view))
+        if not start or args.start == "best" or (args.start is None and view is not None):
+            candidates.append(("scratch" + suffix, None, view))
+
+    name, start0, view0 = candidates[0]
     l2s, grid, res = args.l2 or (recommender.TUNED[downstream]["l2"],), [], None
     for k, l2 in enumerate(l2s):
         if len(l2s) > 1:
             print(f"--- {downstream} with l2 {l2:g} ({k + 1} of {len(l2s)})")
-        r = unit(f"finetune-{l2!r}", l2, start)
+        r = unit(f"finetune-{l2!r}", l2, start0, view0)
         grid.append({"l2": l2, "best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]})
         if res is None or r["valid"]["recall@20"] > res["valid"]["recall@20"]:
             res, kept = r, l2
     if len(l2s) > 1:
         print(f"l2 kept: {kept:g}, the best valid recall@20 of the grid ("
               + ", ".join(f"{g['l2']:g}: {g['valid_recall@20']:.4f}" for g in grid) + ")")
-    kept_start = "pretrained" if start else "scratch"
-    trained, scratch = {kept_start: res}, None
-    if start and args.start == "best":  # is the pre-trained start worth keeping? Valid decides, test is not read
-        print(f"--- {downstream} from its own random start (scratch), l2 {kept:g}")
-        own = trained["scratch"] = unit(f"scratch-{kept!r}", kept)
-        scratch = {"best_epoch": own["best_epoch"], "valid_recall@20": own["valid"]["recall@20"]}
-        kept_start = "scratch" if own["valid"]["recall@20"] > res["valid"]["recall@20"] else "pretrained"
-        print(f"start kept: {kept_start} (valid recall@20: pretrained {res['valid']['recall@20']:.4f}, "
-              f"scratch {own['valid']['recall@20']:.4f})")
-    return trained, dict(l2=kept, grid=grid, start=kept_start, scratch=scratch, content_view=content is not None)
+    trained = {name: res}
+    for name, s, view in candidates[1:]:  # is the pre-trained start, is the view worth keeping? Valid decides
+        print(f"--- {downstream} from " + ("the pre-trained start" if s else "its own random start (scratch)")
+              + (" with the content view" if view is not None else "") + f", l2 {kept:g}")
+        trained[name] = unit(f"{name}-{kept!r}", kept, s, view)
+    valid = {n: r["valid"]["recall@20"] for n, r in trained.items()}
+    name = max(valid, key=valid.get)  # on a tie the first
+    if len(trained) > 1:
+        print(f"kept: {name} (valid recall@20: " + ", ".join(f"{n} {v:.4f}" for n, v in valid.items()) + ")")
+    return trained, dict(l2=kept, grid=grid, kept=name, start=name.removesuffix("+view"),
+                         content_view=name.endswith("+view"),
+                         candidates={n: {"best_epoch": r["best_epoch"], "valid_recall@20": r["valid"]["recall@20"]}
+                                     for n, r in trained.items()})
 
 
 def run(args, data, model, load_seconds, out, stop=None):
@@ -391,14 +408,14 @@ def run(args, data, model, load_seconds, out, stop=None):
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
     downstream = args.recommender if model == "mmcpr" else model
     item_feats, user_feat, warm = inputs(args, data, model)
-    content = content_view(args, item_feats)
+    content = content_view(args, item_feats, model)
     prog = runfolder.open_progress(args, model, out, trained_on(data))
     pre = pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings) if model == "mmcpr" else {}
 
     t = time.perf_counter()
     start = pretrained_start(args, data, item_feats, user_feat, warm, pre, downstream) if pre else None
     trained, chosen = fine_tune(args, data, downstream, start, warm, content, prog, stop, timings)
-    res = trained[chosen["start"]]
+    res = trained[chosen["kept"]]
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
 
     t = time.perf_counter()

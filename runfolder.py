@@ -30,8 +30,9 @@ and, where there is a content head:
     head_W [F + 1, d]                  float64 ridge weights from content (last row: the bias) to item_emb's space
     head_user_emb [U, d], head_profile [U, F], head_sd_head, head_sd_prof, head_beta, head_ridge
                                        the head's users: score = e_u . x W / sd_head + beta p_u . x̂ / sd_prof
-    head_start                         str, the fine-tuned model the head serves from: 'pretrained', or with
-                                       --start best possibly 'scratch' where the kept model is the other
+    head_start                         str, the fine-tuned model the head serves from (run.py's candidates:
+                                       'pretrained', 'scratch', each '+view'), chosen on its own: it can
+                                       differ from the kept model
     tag_<b> [k]                        str, the columns of tag block b (raw data)
     encoder_text, encoder_image, precision   str, how the catalogue was encoded ('' : the packaged model)
 and, in every run, what places a new user from their history (newusers.py, serve.serve_users):

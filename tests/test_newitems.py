@@ -105,7 +105,7 @@ def test_start_best_picks_the_new_items_start_on_cold_valid(tmp_path):
     for flag in ("pretrained", "best"):
         out = tmp_path / flag
         p = run("--data", data, "--device", "cpu", "--epochs", "3", "--pretrain-epochs", "2", "--cold-items", "0.25",
-                "--start", flag, "--out", out)
+                "--start", flag, "--content-view", "off", "--out", out)
         assert p.returncode == 0, p.stderr
         m[flag] = json.loads((out / "metrics.json").read_text())["cold"]
     a, b = m["pretrained"], m["best"]
@@ -140,7 +140,7 @@ def test_new_items_start_is_chosen_on_cold_valid_alone(tmp_path, monkeypatch, co
     monkeypatch.setattr(recommender, "train", fake_train)
     monkeypatch.setattr(newitems, "fit_content_head", fake_head)
     args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
-                                  "--cold-items", "0.25", "--start", "best"])
+                                  "--cold-items", "0.25", "--start", "best", "--content-view", "off"])
     m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))
     assert m["start"] == "pretrained"
     assert m["cold"]["start"] == want and m["cold"]["ridge"] == {"pretrained": 1.0, "scratch": 2.0}[want]

@@ -244,27 +244,76 @@ def test_recommender_flags_reach_fine_tuning(tmp_path, monkeypatch):
     assert seen["model"] == "lightgcn" and seen["rescale"] is True and m["start_scale"] > 0
 
 
-def test_the_content_view_reaches_fine_tuning_and_then_valid_weighs_the_start(tmp_path, monkeypatch):
-    """--content-view: the fine-tuning gets MGCN's view of every item modality, and --start best
-    by default; a baseline given the flag gets the view too; without the flag, no view."""
-    seen, m = fake_train_run(tmp_path / "a", monkeypatch, "mmcpr", "--l2", "1e-2", "--content-view")
-    assert sorted(f.shape[1] for f in seen["content"]) == [7, 12] and m["content_view"]
-    assert m["scratch"] is not None and seen["knn"] == 10 and seen["content_nce"] == 1e-3
-    assert m["args"]["start"] == "best"  # metrics.json names the start rule that ran
-    seen, m = fake_train_run(tmp_path / "b", monkeypatch, "lightgcn", "--l2", "1e-2", "--content-view")
-    assert len(seen["content"]) == 2 and m["content_view"]
-    seen, m = fake_train_run(tmp_path / "c", monkeypatch, "mmcpr", "--l2", "1e-2")
-    assert seen["content"] is None and not m["content_view"] and m["scratch"] is None
-    assert m["args"]["start"] == "pretrained"
+VALID = {"pretrained": 0.30, "scratch": 0.20, "pretrained+view": 0.25, "scratch+view": 0.35}
+
+
+@pytest.mark.parametrize("model,flags,want", [
+    ("mmcpr", [], ["pretrained", "pretrained+view", "scratch+view"]),  # auto: the view weighed from both starts
+    ("mmcpr", ["--content-view"], ["pretrained+view", "scratch+view"]),  # on: the grid with the view too
+    ("mmcpr", ["--content-view", "off"], ["pretrained"]),
+    ("mmcpr", ["--start", "best"], ["pretrained", "scratch", "pretrained+view", "scratch+view"]),
+    ("mmcpr", ["--start", "pretrained"], ["pretrained", "pretrained+view"]),
+    ("mmcpr", ["--modalities", "none"], ["pretrained"]),  # no item content: nothing to view
+    ("lightgcn", [], ["scratch"]),  # a baseline is itself alone
+    ("lightgcn", ["--content-view", "on"], ["scratch+view"]),
+])
+def test_valid_weighs_the_content_view_and_the_start_after_the_grid(tmp_path, monkeypatch, model, flags, want):
+    """The L2 grid trains the first candidate; the others train at its kept L2, each with every item
+    modality in the view or none; valid keeps the best, and test (reversed here) is never read."""
+    import recommender
+    import run as run_module
+
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    calls = []
+
+    def fake_train(n_users, n_items, *args, l2, user_init=None, content=None, knn, content_nce, **kwargs):
+        name = ("scratch" if user_init is None else "pretrained") + ("" if content is None else "+view")
+        assert content is None or sorted(f.shape[1] for f in content) == [7, 12]
+        assert (knn, content_nce) == (10, 1e-3)
+        calls.append((name, l2))
+        v = VALID[name] + (l2 == 1e-2) / 10  # the grid keeps 1e-2
+        return dict(best_epoch=1, valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": 1 - v, "ndcg@20": 1 - v},
+                    scale=None, user_emb=np.zeros((n_users, 4), np.float32), item_emb=np.zeros((n_items, 4), np.float32),
+                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+
+    monkeypatch.setattr(recommender, "train", fake_train)
+    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-3,1e-2", "--topk", "20", *flags])
+    m = run_module.run(args, data, model, 0.0, str(tmp_path / "out"))
+    assert calls == [(want[0], 1e-3), (want[0], 1e-2)] + [(n, 1e-2) for n in want[1:]]
+    kept = max(want, key=VALID.get)
+    assert list(m["candidates"]) == want and m["kept"] == kept and m["l2"] == 1e-2
+    assert m["start"] == kept.removesuffix("+view") and m["content_view"] == kept.endswith("+view")
+    assert m["valid"]["recall@20"] == VALID[kept] + 0.1 and m["test"]["recall@20"] == 1 - m["valid"]["recall@20"]
+
+
+def test_a_content_view_without_content_is_refused_and_a_tie_keeps_the_grids_candidate(tmp_path, monkeypatch):
+    import recommender
+    import run as run_module
+
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--modalities", "none",
+                                  "--content-view", "on"])
+    with pytest.raises(dataset.DataError, match="--content-view: no item content modality"):
+        run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "a"))
+
+    def fake_train(n_users, n_items, *args, **kwargs):
+        return dict(best_epoch=1, valid={"recall@20": 0.5, "ndcg@20": 0.5}, test={"recall@20": 0.5, "ndcg@20": 0.5},
+                    scale=None, user_emb=np.zeros((n_users, 4), np.float32), item_emb=np.zeros((n_items, 4), np.float32),
+                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+
+    monkeypatch.setattr(recommender, "train", fake_train)
+    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20"])
+    m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "b"))
+    assert len(m["candidates"]) == 3 and m["kept"] == "pretrained" and not m["content_view"]
 
 
 def test_the_default_fine_tuning_is_the_vector_hand_off_as_before(tmp_path, monkeypatch):
     """No --finetune: the pre-trained vectors are handed over and fine-tuned as before --finetune
-    network existed (and --content-view). The numbers are that code's (commit bd93cd2) on the toy
-    set at one thread; a change of the default path moves them far more than the tolerance (float
+    network existed (and --content-view, which is off here: the default fine-tunes this first, then the
+    view). The numbers are that code's (commit bd93cd2) on the toy set at one thread; a change of the default path moves them far more than the tolerance (float
     rounding across machines)."""
     seen, m = fake_train_run(tmp_path, monkeypatch, "mmcpr", "--epochs", "3", "--pretrain-epochs", "2", "--l2", "1e-2",
-                             "--seed", "1", threads=1)
+                             "--seed", "1", "--content-view", "off", threads=1)
     assert "layer0" not in seen and seen["user_init"].shape == (60, 64) and m["args"]["finetune"] == "vectors"
     assert m["start_scale"] == pytest.approx(1.6200081655973688, rel=1e-5)
     assert [h["loss"] for h in m["history"]] == pytest.approx(
@@ -427,15 +476,15 @@ def test_start_best_keeps_the_valid_best_start_and_its_twin_is_the_baseline(tmp_
     monkeypatch.setattr(recommender, "train", spy)
     flags = ["--data", "x", "--epochs", "4", "--patience", "2", "--l2", "1e-2", "--topk", "20"]
     base = run_module.run(run_module.parse_args(flags), data, "lightgcn", 0.0, str(tmp_path / "a"))
-    m = run_module.run(run_module.parse_args(flags + ["--pretrain-epochs", "2", "--start", "best"]), data, "mmcpr",
+    m = run_module.run(run_module.parse_args(flags + ["--pretrain-epochs", "2", "--start", "best", "--content-view", "off"]), data, "mmcpr",
                        0.0, str(tmp_path / "b"))
     (a_args, a_kw, a), (_, p_kw, p), (t_args, t_kw, t) = calls
-    assert base["start"] == "scratch" and base["scratch"] is None
+    assert base["start"] == "scratch" and list(base["candidates"]) == ["scratch"]
     assert "user_init" in p_kw and t_kw.keys() == a_kw.keys() and "user_init" not in t_kw
     a_kw.pop("checkpoint"), t_kw.pop("checkpoint")  # each in its own run's progress folder
     assert all(np.array_equal(x, y) for x, y in zip(a_args + tuple(a_kw.values()), t_args + tuple(t_kw.values())))
     np.testing.assert_array_equal(t["item_emb"], a["item_emb"])
-    assert m["scratch"] == {"best_epoch": base["best_epoch"], "valid_recall@20": base["valid"]["recall@20"]}
+    assert m["candidates"]["scratch"] == {"best_epoch": base["best_epoch"], "valid_recall@20": base["valid"]["recall@20"]}
     assert m["start"] == ("scratch" if t["valid"]["recall@20"] > p["valid"]["recall@20"] else "pretrained")
     assert m["valid"] == max(p["valid"], t["valid"], key=lambda v: v["recall@20"])
     assert len(m["grid"]) == 1
@@ -456,11 +505,12 @@ def test_start_best_reads_valid_not_test(tmp_path, monkeypatch, pretrained_valid
 
     monkeypatch.setattr(recommender, "train", fake_train)
     args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
-                                  "--start", "best"])
+                                  "--start", "best", "--content-view", "off"])
     m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))
     assert m["start"] == want
     assert m["test"]["recall@20"] == (0.9 if want == "scratch" else 0.1)
-    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20"])
+    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
+                                  "--content-view", "off"])
     assert run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))["start"] == "pretrained"
 
 
