@@ -257,13 +257,15 @@ def inputs(args, data, model):
     return item_feats, user_feat, warm
 
 
-def content_view(args, item_feats, model):
-    """The item features [I, f] the recommender's content view sees (--content-view), or None where
-    no fine-tuning has the view: off; auto for a baseline, or for items without content."""
+def content_views(args, item_feats, model):
+    """The content views the fine-tunings weigh, each the item features [I, f] MGCN's view sees or
+    None (no view), the L2 grid's first: off, a baseline under auto, or items without content:
+    [None]; auto for mmcpr with content: [None, features]; on: [features]."""
     if args.content_view == "on" and not item_feats:
         raise DataError("--content-view: no item content modality to view")
-    wanted = args.content_view == "on" or (args.content_view == "auto" and model == "mmcpr")
-    return list(item_feats.values()) if wanted and item_feats else None
+    if args.content_view == "off" or not item_feats or (args.content_view == "auto" and model != "mmcpr"):
+        return [None]
+    return [list(item_feats.values())] if args.content_view == "on" else [None, list(item_feats.values())]
 
 
 def train_matrix(data):
@@ -334,14 +336,14 @@ def pretrained_start(args, data, item_feats, user_feat, warm, pre, downstream):
     return start
 
 
-def fine_tune(args, data, downstream, start, warm, content, prog, stop, timings):
+def fine_tune(args, data, downstream, start, warm, views, prog, stop, timings):
     """The fine-tunings valid weighs; test is never read. First the L2 grid (MMRec's convention):
     every value fine-tunes the same start (the pre-trained one, `start()` giving its keyword
     arguments for recommender.train; or, start None, the recommender's own random one) with early
     stopping, and the value with the best valid Recall@20 is kept. Then, at that L2, the other
-    candidates: the random start (--start best, and by default with the view) and, with
-    --content-view auto, the recommender with MGCN's view (content: the view's item features, or
-    None). The candidate with the best valid Recall@20 is kept, on a tie the first. Returns
+    candidates: the random start (--start best, and by default with the view) and each other of
+    `views` (content_views: the item features of MGCN's view, or None). The candidate with the
+    best valid Recall@20 is kept, on a tie the first. Returns
     ({candidate: train()'s result}, the models the new items may be served from; the choices for
     metrics.json: l2, grid, kept (the candidate), start, content_view, candidates)."""
 
@@ -363,7 +365,7 @@ def fine_tune(args, data, downstream, start, warm, content, prog, stop, timings)
         return runfolder.unit(prog, name, stop, train)
 
     candidates = []  # (name, start or None, the view's features or None), the grid's first
-    for view in [content] if args.content_view == "on" else [None] + ([content] if content is not None else []):
+    for view in views:
         suffix = "" if view is None else "+view"
         if start:
             candidates.append(("pretrained" + suffix, start, view))
@@ -408,13 +410,13 @@ def run(args, data, model, load_seconds, out, stop=None):
     timings = dict(load=load_seconds, graphs=0.0, pretrain=0.0, eval=0.0)
     downstream = args.recommender if model == "mmcpr" else model
     item_feats, user_feat, warm = inputs(args, data, model)
-    content = content_view(args, item_feats, model)
+    views = content_views(args, item_feats, model)
     prog = runfolder.open_progress(args, model, out, trained_on(data))
     pre = pretrain(args, data, item_feats, user_feat, warm, prog, stop, timings) if model == "mmcpr" else {}
 
     t = time.perf_counter()
     start = pretrained_start(args, data, item_feats, user_feat, warm, pre, downstream) if pre else None
-    trained, chosen = fine_tune(args, data, downstream, start, warm, content, prog, stop, timings)
+    trained, chosen = fine_tune(args, data, downstream, start, warm, views, prog, stop, timings)
     res = trained[chosen["kept"]]
     timings["finetune"] = time.perf_counter() - t - timings["eval"]
 

@@ -52,7 +52,8 @@ def serve(run_dir, new_dir, k=20, device="cpu", log=print):
     users, items = newitems.served_vectors(m, content)  # [U, d + F], [n, d + F]
     top, scores = recommender.recommend(users.to(device), items.to(device), m["ranked_users"],
                                         (np.zeros(0, np.int64),) * 2, k)
-    log(f"served {len(ids)} new items to {len(m['ranked_users'])} users, in the space of the fine-tuned model {m['head_start']}")
+    log(f"served {len(ids)} new items to {len(m['ranked_users'])} users, in the space of the fine-tuned model "
+        f"{m['head_start']}")
     tsv = runfolder.recommendations_tsv(m["user_ids"], ids, m["ranked_users"], top, scores)
     return {"recommendations.tsv": lambda f: f.write(tsv),
             "new_items.npz": lambda f: np.savez(f, item_ids=ids, item_vec=items.numpy())}
