@@ -29,6 +29,15 @@ def make_dataset(folder, n_users=60, n_items=40, seed=0):
     return folder
 
 
+def train_result(n_users, n_items, valid, test, *, best_epoch=1, user=0.0, item=0.0):
+    """What recommender.train returns, for a stand-in: Recall@20 and NDCG@20 both `valid` on valid and
+    `test` on test; the embeddings [n, 4] filled with `user` and `item`."""
+    return dict(best_epoch=best_epoch, valid={"recall@20": valid, "ndcg@20": valid},
+                test={"recall@20": test, "ndcg@20": test}, scale=None,
+                user_emb=np.full((n_users, 4), user, np.float32), item_emb=np.full((n_items, 4), item, np.float32),
+                epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+
+
 def run(*args):
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_dataset, run
+from helpers import make_dataset, run, train_result
 import data as dataset  # noqa: E402  (helpers puts the root on sys.path)
 import newitems  # noqa: E402  (helpers puts the root on sys.path)
 import recommender as rec  # noqa: E402
@@ -128,9 +128,7 @@ def test_new_items_start_is_chosen_on_cold_valid_alone(tmp_path, monkeypatch, co
 
     def fake_train(n_users, n_items, *args, user_init=None, **kwargs):
         v, e = (0.3, 1.0) if user_init is not None else (0.2, 2.0)  # item_emb marks the start
-        return dict(best_epoch=1, valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": v, "ndcg@20": v},
-                    scale=None, user_emb=np.ones((n_users, 4), np.float32), item_emb=np.full((n_items, 4), e, np.float32),
-                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+        return train_result(n_users, n_items, v, v, user=1.0, item=e)
 
     def fake_head(X, item_emb, *args, **kwargs):
         e = float(item_emb[0, 0])

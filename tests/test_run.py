@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, make_dataset, run
+from helpers import ROOT, make_dataset, run, train_result
 import data as dataset  # noqa: E402  (helpers puts the root on sys.path)
 import runfolder  # noqa: E402
 
@@ -272,9 +272,7 @@ def test_valid_weighs_the_content_view_and_the_start_after_the_grid(tmp_path, mo
         assert (knn, content_nce) == (10, 1e-3)
         calls.append((name, l2))
         v = VALID[name] + (l2 == 1e-2) / 10  # the grid keeps 1e-2
-        return dict(best_epoch=1, valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": 1 - v, "ndcg@20": 1 - v},
-                    scale=None, user_emb=np.zeros((n_users, 4), np.float32), item_emb=np.zeros((n_items, 4), np.float32),
-                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+        return train_result(n_users, n_items, v, 1 - v)
 
     monkeypatch.setattr(recommender, "train", fake_train)
     args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-3,1e-2", "--topk", "20", *flags])
@@ -297,9 +295,7 @@ def test_a_content_view_without_content_is_refused_and_a_tie_keeps_the_grids_can
         run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "a"))
 
     def fake_train(n_users, n_items, *args, **kwargs):
-        return dict(best_epoch=1, valid={"recall@20": 0.5, "ndcg@20": 0.5}, test={"recall@20": 0.5, "ndcg@20": 0.5},
-                    scale=None, user_emb=np.zeros((n_users, 4), np.float32), item_emb=np.zeros((n_items, 4), np.float32),
-                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+        return train_result(n_users, n_items, 0.5, 0.5)
 
     monkeypatch.setattr(recommender, "train", fake_train)
     args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20"])
@@ -310,8 +306,8 @@ def test_a_content_view_without_content_is_refused_and_a_tie_keeps_the_grids_can
 def test_the_default_fine_tuning_is_the_vector_hand_off_as_before(tmp_path, monkeypatch):
     """No --finetune: the pre-trained vectors are handed over and fine-tuned as before --finetune
     network existed (and --content-view, which is off here: the default fine-tunes this first, then the
-    view). The numbers are that code's (commit bd93cd2) on the toy set at one thread; a change of the default path moves them far more than the tolerance (float
-    rounding across machines)."""
+    view). The numbers are that code's (commit bd93cd2) on the toy set at one thread; a change of the
+    default path moves them far more than the tolerance (float rounding across machines)."""
     seen, m = fake_train_run(tmp_path, monkeypatch, "mmcpr", "--epochs", "3", "--pretrain-epochs", "2", "--l2", "1e-2",
                              "--seed", "1", "--content-view", "off", threads=1)
     assert "layer0" not in seen and seen["user_init"].shape == (60, 64) and m["args"]["finetune"] == "vectors"
@@ -426,10 +422,7 @@ def test_l2_grid_keeps_the_valid_best_not_the_test_best(tmp_path, monkeypatch):
     def fake_train(n_users, n_items, *args, l2, **kwargs):
         calls.append(l2)
         v, t = scores[l2]
-        return dict(best_epoch=int(l2 * 1000), valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": t, "ndcg@20": t},
-                    scale=None,
-                    user_emb=np.zeros((n_users, 4), np.float32), item_emb=np.full((n_items, 4), l2, np.float32),
-                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+        return train_result(n_users, n_items, v, t, best_epoch=int(l2 * 1000), item=l2)
 
     monkeypatch.setattr(recommender, "train", fake_train)
     for flags, want_calls in ((["--l2", "1e-3,1e-2,1e-1"], [1e-3, 1e-2, 1e-1]), (["--l2", "1e-1"], [1e-1])):
@@ -476,8 +469,8 @@ def test_start_best_keeps_the_valid_best_start_and_its_twin_is_the_baseline(tmp_
     monkeypatch.setattr(recommender, "train", spy)
     flags = ["--data", "x", "--epochs", "4", "--patience", "2", "--l2", "1e-2", "--topk", "20"]
     base = run_module.run(run_module.parse_args(flags), data, "lightgcn", 0.0, str(tmp_path / "a"))
-    m = run_module.run(run_module.parse_args(flags + ["--pretrain-epochs", "2", "--start", "best", "--content-view", "off"]), data, "mmcpr",
-                       0.0, str(tmp_path / "b"))
+    m = run_module.run(run_module.parse_args(flags + ["--pretrain-epochs", "2", "--start", "best", "--content-view",
+                                                      "off"]), data, "mmcpr", 0.0, str(tmp_path / "b"))
     (a_args, a_kw, a), (_, p_kw, p), (t_args, t_kw, t) = calls
     assert base["start"] == "scratch" and list(base["candidates"]) == ["scratch"]
     assert "user_init" in p_kw and t_kw.keys() == a_kw.keys() and "user_init" not in t_kw
@@ -499,9 +492,7 @@ def test_start_best_reads_valid_not_test(tmp_path, monkeypatch, pretrained_valid
 
     def fake_train(n_users, n_items, *args, l2, user_init=None, **kwargs):
         v, t = (pretrained_valid, 0.1) if user_init is not None else (0.25, 0.9)  # test always prefers scratch
-        return dict(best_epoch=1, valid={"recall@20": v, "ndcg@20": v}, test={"recall@20": t, "ndcg@20": t}, scale=None,
-                    user_emb=np.zeros((n_users, 4), np.float32), item_emb=np.zeros((n_items, 4), np.float32),
-                    epoch_seconds=[0.1], eval_seconds=[0.1], history=[])
+        return train_result(n_users, n_items, v, t)
 
     monkeypatch.setattr(recommender, "train", fake_train)
     args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
