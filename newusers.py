@@ -22,8 +22,9 @@ history co-occurs with, which a few items' embeddings average away:
     scores              s_u(i) = v_u . e_i / sd_u + gamma k_u(i) / sd'_u, each term divided
                         by its spread over the ranked items (so gamma is a share, not a scale)
     anchors             popularity and ItemKNN on the same users and histories
-    fit                 a run's: the item-to-item term (alpha or EASE's lambda), beta, gamma
-                        chosen on the new users' valid pairs
+    fit                 a run's: the item-to-item term (alpha or EASE's lambda), the fine-tuned
+                        model that places them (a run's candidates), beta, gamma, chosen on the
+                        new users' valid pairs
                         (--cold-users), or without them on pseudo-new users; test is reported,
                         never chosen on
     served_scores       the same scores from model.npz's arrays (serve.py)
@@ -201,24 +202,24 @@ def anchors(history, evs, n_new, train_pairs, n_items, alpha):
     return {name: {s: ev.evaluate_scores(x) for s, ev in evs.items()} for name, x in S.items()}
 
 
-def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None, valid=None, split_seed=0,
+def fit(n_users, n_items, train_pairs, models, layers, cold, *, ks, candidates=None, valid=None, split_seed=0,
         device="cpu", log=print):
-    """The new-user method of a run: res is recommender.train's result for the kept model
-    (user_emb, item_emb, ego), layers its LightGCN depth (0: MF). cold: data's cold_users (the
-    new users: history, valid, test) or None. On valid Recall@20, one after the other: the
-    item-to-item term alone (ItemKNN at each alpha; EASE at each lambda, for catalogues of at most
-    EASE_MAX items), then beta and gamma together (the blend; 0 among the choices of both).
+    """The new-user method of a run: models {name: recommender.train's result (user_emb, item_emb,
+    ego)}, the fine-tuned models a new user may be placed by (a run's candidates, the one it kept
+    among them), layers their LightGCN depth (0: MF). cold: data's cold_users (the new users:
+    history, valid, test) or None. On valid Recall@20, one after the other: the item-to-item term
+    alone (ItemKNN at each alpha; EASE at each lambda, for catalogues of at most EASE_MAX items),
+    then, for each model, beta and gamma together (the blend; 0 among the choices of both); the
+    model and blend with the best valid are kept, on a tie the first model. Ours where the paper
+    is silent: a new user is placed by LightGCN's propagation alone, so a model whose final
+    embeddings carry a side a history cannot give (run.py's content view) may place them worse
+    than its twin without it; valid weighs them, as newitems.fit_head weighs the starts.
     Valid is the new users' (cold), else pseudo-new users': a share PSEUDO of the users with valid
     pairs, drawn by split_seed, their training pairs as history, their valid pairs as targets, the
     others' pairs as the neighbours' and the item-to-item term's (the items' embeddings were
     trained on their pairs too: this chooses, it reports nothing). Test is never read to choose.
     device: where EASE inverts its Gram matrix; the rest runs on the CPU.
     Returns (the metrics entry, model.npz's newuser_* arrays)."""
-    if "ego" in res:
-        G = propagation_items(res["ego"], n_users, train_pairs, layers)
-    else:  # a fine-tuning finished by code older than the ego (a resumed run): its final embeddings, MF's formula
-        log("new users: the kept model has no layer-0 table; the history is propagated from the final embeddings")
-        G = propagation_items(np.concatenate([res["user_emb"], res["item_emb"]]), n_users, train_pairs, 0)
     if cold is not None:
         users, history, pool = cold["users"], cold["history"], train_pairs
         targets = {s: cold[s] for s in ("valid", "test")}
@@ -233,7 +234,6 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
         entry = dict(chosen_on=f"pseudo-new users: {len(users)} of the trained users, their training pairs the "
                                "history, their valid pairs the targets")
     n, hist = len(users), local(users, history)
-    item_emb = torch.as_tensor(res["item_emb"])
     evs = {s: recommender.Evaluator(n_items, hist, local(users, t), ks, candidates=candidates)
            for s, t in targets.items()}
     recall = lambda S: evs["valid"].evaluate_scores(S)["recall@20"]
@@ -248,16 +248,31 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     lam = max(ease_grid, key=ease_grid.get) if ease_grid else 0.0
     lam = lam if ease_grid and ease_grid[lam] > alpha_grid[alpha] else 0.0  # on a tie ItemKNN
     term = E[lam] if lam else K[alpha]
-    p, nb = user_vectors(hist, n, G), F.normalize(neighbours(hist, n, res["user_emb"], pool, n_items), dim=1)
-    blend = lambda b, g: scores(p + b * nb if b else p, item_emb, term, g, candidates)[0]  # served_scores' S
-    grid = {(b, g): recall(blend(b, g)) for b in BETA for g in GAMMA}
+
+    def placed(res):  # one model: (G, blend(beta, gamma) -> S [n, I], {(beta, gamma): valid recall@20})
+        if "ego" in res:
+            G = propagation_items(res["ego"], n_users, train_pairs, layers)
+        else:  # a fine-tuning finished by code older than the ego (a resumed run): its final embeddings, MF's formula
+            log("new users: a model has no layer-0 table; the history is propagated from its final embeddings")
+            G = propagation_items(np.concatenate([res["user_emb"], res["item_emb"]]), n_users, train_pairs, 0)
+        item_emb = torch.as_tensor(res["item_emb"])
+        p, nb = user_vectors(hist, n, G), F.normalize(neighbours(hist, n, res["user_emb"], pool, n_items), dim=1)
+        blend = lambda b, g: scores(p + b * nb if b else p, item_emb, term, g, candidates)[0]  # served_scores' S
+        return G, blend, {(b, g): recall(blend(b, g)) for b in BETA for g in GAMMA}
+
+    fits = {name: placed(res) for name, res in models.items()}
+    model_grid = {name: max(grid.values()) for name, (_, _, grid) in fits.items()}
+    model = max(model_grid, key=model_grid.get)  # on a tie the first
+    G, blend, grid = fits[model]
     beta, gamma = max(grid, key=grid.get)  # on a tie the first: the smaller weights
     show = lambda grid: ", ".join(f"{k:g}: {r:.4f}" for k, r in grid.items())
     log(f"new users, valid recall@20 of the item-to-item term by ItemKNN's damping alpha: {show(alpha_grid)}; "
         f"by EASE's lambda: {show(ease_grid) or 'not tried'}; kept {f'EASE {lam:g}' if lam else f'ItemKNN {alpha:g}'}; "
         f"by (neighbour weight beta, blend weight gamma): best {grid[beta, gamma]:.4f} at ({beta:g}, {gamma:g}), "
-        f"the vector alone (0, 0) {grid[0.0, 0.0]:.4f}")
-    entry.update(alpha=alpha, ease=lam, beta=beta, gamma=gamma, knn=KNN,
+        f"the vector alone (0, 0) {grid[0.0, 0.0]:.4f}"
+        + (f"; placed by {model} (" + ", ".join(f"{k} {r:.4f}" for k, r in model_grid.items()) + ")"
+           if len(models) > 1 else ""))
+    entry.update(model=model, model_grid=model_grid, alpha=alpha, ease=lam, beta=beta, gamma=gamma, knn=KNN,
                  alpha_grid={f"{x:g}": r for x, r in alpha_grid.items()},
                  ease_grid={f"{x:g}": r for x, r in ease_grid.items()},
                  beta_gamma_grid={f"{b:g},{g:g}": r for (b, g), r in grid.items()})
@@ -268,7 +283,9 @@ def fit(n_users, n_items, train_pairs, res, layers, cold, *, ks, candidates=None
     arrays = dict(newuser_items=G, newuser_beta=np.float64(beta), newuser_knn=np.int64(KNN),
                   newuser_alpha=np.float64(alpha), newuser_ease=np.float64(lam), newuser_gamma=np.float64(gamma),
                   newuser_train_users=np.asarray(train_pairs[0], np.int64),
-                  newuser_train_items=np.asarray(train_pairs[1], np.int64))
+                  newuser_train_items=np.asarray(train_pairs[1], np.int64), newuser_model=np.array(model),
+                  newuser_user_emb=np.asarray(models[model]["user_emb"], np.float32),
+                  newuser_item_emb=np.asarray(models[model]["item_emb"], np.float32))
     return entry, arrays
 
 
@@ -279,12 +296,14 @@ ARRAYS = ("newuser_items", "newuser_beta", "newuser_knn", "newuser_alpha", "newu
 def served_scores(m, history, n_new, device="cpu"):
     """(S [n_new, I], user_vec [n_new, d], knn_weight [n_new]) from model.npz's arrays m for new users'
     histories (rows 0..n_new-1, item rows): the scores fit reported for the --cold-users users,
-    s_u(i) = user_vec_u . item_emb[i] + knn_weight_u k_u(i) (scores, item_term, user_vectors); device:
-    where EASE inverts its Gram matrix, if the run kept EASE."""
+    s_u(i) = user_vec_u . newuser_item_emb[i] + knn_weight_u k_u(i) (scores, item_term, user_vectors), the
+    trained neighbours' final embeddings newuser_user_emb (runs from before these two arrays: the kept
+    model's user_emb, item_emb); device: where EASE inverts its Gram matrix, if the run kept EASE."""
     pairs = (m["newuser_train_users"], m["newuser_train_items"])
-    v = user_vectors(history, n_new, m["newuser_items"], float(m["newuser_beta"]), m["user_emb"], pairs,
+    user_emb, item_emb = (m[f"newuser_{k}"] if f"newuser_{k}" in m else m[k] for k in ("user_emb", "item_emb"))
+    v = user_vectors(history, n_new, m["newuser_items"], float(m["newuser_beta"]), user_emb, pairs,
                      int(m["newuser_knn"]))
     gamma = float(m["newuser_gamma"])
     lam = float(m["newuser_ease"]) if "newuser_ease" in m else 0.0  # runs from before EASE: ItemKNN
-    K = item_term(history, n_new, pairs, len(m["item_emb"]), float(m["newuser_alpha"]), lam, device) if gamma else None
-    return scores(v, m["item_emb"], K, gamma, m["ranked_items"])
+    K = item_term(history, n_new, pairs, len(item_emb), float(m["newuser_alpha"]), lam, device) if gamma else None
+    return scores(v, item_emb, K, gamma, m["ranked_items"])

@@ -425,8 +425,8 @@ def run(args, data, model, load_seconds, out, stop=None):
                                              split_seed=args.split_seed, tags=not args.no_tags, device=args.device)
     timings["head"] = time.perf_counter() - t
 
-    t = time.perf_counter()  # new users: placed from their history by the kept model (newusers.py)
-    users_entry, users_npz = newusers.fit(data["n_users"], data["n_items"], data["train"], res,
+    t = time.perf_counter()  # new users: placed from their history by the candidate valid keeps (newusers.py)
+    users_entry, users_npz = newusers.fit(data["n_users"], data["n_items"], data["train"], trained,
                                           args.ui_layers if downstream == "lightgcn" else 0, data["cold_users"],
                                           ks=args.topk, candidates=warm, valid=data["valid"],
                                           split_seed=args.split_seed, device=args.device)

@@ -37,6 +37,9 @@ and, where there is a content head:
     encoder_text, encoder_image, precision   str, how the catalogue was encoded ('' : the packaged model)
 and, in every run, what places a new user from their history (newusers.py, serve.serve_users):
     newuser_items [I, d]               float32, LightGCN's propagation of a history: p = |H|^-1/2 sum_H G_i
+    newuser_user_emb [U, d], newuser_item_emb [I, d]   float32, the final embeddings of newuser_model
+                                       (str), the candidate that places new users, chosen on its own: it
+                                       can differ from the kept model
     newuser_train_users, newuser_train_items   int64, the training pairs (neighbours, item-to-item counts)
     newuser_alpha, newuser_ease, newuser_beta, newuser_gamma, newuser_knn   the method's settings,
                                        chosen on valid (newuser_ease: EASE's lambda, 0 for ItemKNN)

@@ -119,6 +119,35 @@ def test_ease_is_each_items_ridge_regression_on_the_others(seed, n_users, n_item
                                   newusers.item_knn(hist, 2, (users, items), n_items, 0.5).numpy())
 
 
+def test_new_users_are_placed_by_the_model_valid_prefers_and_on_a_tie_the_first():
+    """fit weighs every model it is given on the new users' valid pairs: each model's figure is
+    what fit reports for that model alone, the best is kept (its arrays in model.npz's newuser_*),
+    and a tie keeps the first."""
+    rng = np.random.default_rng(0)
+    n_users, n_items, new = 40, 60, np.arange(32, 40)
+    u, i = np.nonzero(rng.random((n_users, n_items)) < 0.2)
+    part = rng.integers(0, 3, len(u))  # a new user's pair: history, valid or test
+    is_new = np.isin(u, new)
+    train = (u[~is_new], i[~is_new])
+    cold = dict(users=new, **{k: (u[is_new & (part == j)], i[is_new & (part == j)])
+                              for j, k in enumerate(("history", "valid", "test"))})
+    models = {}
+    for k in ("a", "b", "c"):
+        ego = rng.standard_normal((n_users + n_items, 4)).astype(np.float32)
+        models[k] = dict(ego=ego, user_emb=ego[:n_users], item_emb=ego[n_users:])
+    fit = lambda ms: newusers.fit(n_users, n_items, train, ms, 1, cold, ks=(20,), log=lambda s: None)
+    alone = {k: fit({k: r})[0]["valid"]["recall@20"] for k, r in models.items()}
+    assert len(set(alone.values())) == 3  # the case has something to choose
+    entry, arrays = fit(models)
+    assert entry["model_grid"] == alone and entry["model"] == max(alone, key=alone.get)
+    assert entry["valid"]["recall@20"] == alone[entry["model"]] and arrays["newuser_model"] == entry["model"]
+    for k in ("user_emb", "item_emb"):
+        np.testing.assert_array_equal(arrays[f"newuser_{k}"], models[entry["model"]][k])
+    worst = min(alone, key=alone.get)
+    assert fit({"first": models[worst], "second": models[worst]})[0]["model"] == "first"
+    assert fit({"second": models[worst], "first": models[worst]})[0]["model"] == "second"
+
+
 def test_the_blend_divides_each_term_by_its_spread():
     v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     E = np.array([[1, 0], [0, 1], [2, 2]], np.float32)
@@ -192,6 +221,8 @@ def test_metrics_entry_leaves_the_new_users_out_of_training(cold_run):
     assert m["n_train"] == len(d["train"][0]) and not np.isin(d["valid"][0], c["users"]).any()
     np.testing.assert_array_equal(z["newuser_train_users"], d["train"][0])
     assert z["newuser_items"].shape == z["item_emb"].shape
+    assert c["model"] == max(c["model_grid"], key=c["model_grid"].get) == str(z["newuser_model"])
+    assert list(c["model_grid"]) == list(m["candidates"]) and c["model_grid"][c["model"]] == c["valid"]["recall@20"]
 
 
 def test_serving_the_new_users_reproduces_their_test_recall(cold_run, tmp_path):
@@ -218,7 +249,7 @@ def test_serving_the_new_users_reproduces_their_test_recall(cold_run, tmp_path):
                                (z["newuser_train_users"], z["newuser_train_items"]), len(item), float(z["newuser_alpha"]),
                                float(z["newuser_ease"]))
         order = np.argsort(z["user_ids"][c["users"]])  # the served rows: ids in sorted order
-        got = [n["user_vec"][row[u]] @ z["item_emb"][item[i]] + n["knn_weight"][row[u]] * K[order[row[u]], item[i]].item()
+        got = [n["user_vec"][row[u]] @ z["newuser_item_emb"][item[i]] + n["knn_weight"][row[u]] * K[order[row[u]], item[i]].item()
                for u, i, _, _ in rows]  # the formula, by hand
         np.testing.assert_allclose(got, [s for _, _, _, s in rows], rtol=1e-5, atol=1e-5)
 
