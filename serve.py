@@ -115,10 +115,10 @@ def serve_users(run_dir, path, k=20, device="cpu", log=print):
     and knn_weight [n] float32, the parts of a new user's score of item i,
         s_u(i) = user_vec_u . newuser_item_emb[i] + knn_weight_u sum_{j in H_u} w_ji,
     user_vec = (p / |p| + beta n / |n|) / sd_u, p = |H_u|^-1/2 sum_{j in H_u} newuser_items[j], n the
-    trained neighbours' mean (of their newuser_user_emb rows), w_ji = c_ji / (c_j c_i)^(alpha / 2) with c the co-interaction counts of
-    model.npz's newuser_train_* pairs, or EASE's B_ji over those pairs where newuser_ease (lambda) is
-    not 0 (its inverse on `device`); alpha, beta: newuser_alpha, newuser_beta (newusers.served_scores);
-    knn_weight 0: a dot product."""
+    trained neighbours' mean (of their newuser_user_emb rows), w_ji = c_ji / (c_j c_i)^(alpha / 2)
+    with c the co-interaction counts of model.npz's newuser_train_* pairs, or EASE's B_ji over those
+    pairs where newuser_ease (lambda) is not 0 (its inverse on `device`); alpha, beta: newuser_alpha,
+    newuser_beta (newusers.served_scores); knn_weight 0: a dot product."""
     m = runfolder.load_run(run_dir)
     missing = [a for a in newusers.ARRAYS if a not in m]
     if missing:

@@ -249,7 +249,8 @@ def test_serving_the_new_users_reproduces_their_test_recall(cold_run, tmp_path):
                                (z["newuser_train_users"], z["newuser_train_items"]), len(item), float(z["newuser_alpha"]),
                                float(z["newuser_ease"]))
         order = np.argsort(z["user_ids"][c["users"]])  # the served rows: ids in sorted order
-        got = [n["user_vec"][row[u]] @ z["newuser_item_emb"][item[i]] + n["knn_weight"][row[u]] * K[order[row[u]], item[i]].item()
+        got = [n["user_vec"][row[u]] @ z["newuser_item_emb"][item[i]]
+               + n["knn_weight"][row[u]] * K[order[row[u]], item[i]].item()
                for u, i, _, _ in rows]  # the formula, by hand
         np.testing.assert_allclose(got, [s for _, _, _, s in rows], rtol=1e-5, atol=1e-5)
 
