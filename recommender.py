@@ -6,6 +6,8 @@ such models, self-contained:
 
     sample_negatives   uniform negatives that are never a training positive
     Evaluator          full-ranking Recall/NDCG/Precision/Hit@K, MMRec protocol
+    paired_gap         two models' per-user metric: the mean gap, its paired error
+    one_se_rule        keep the best of several models only if it clears the first
     Table              a free layer-0 table, the interface any layer 0 offers
     MF                 matrix factorisation, score(u, i) = e_u . e_i
     LightGCN           He et al. (SIGIR 2020): e_u, e_i averaged over K
@@ -101,8 +103,10 @@ class Evaluator:
         self.candidates = None if candidates is None else torch.as_tensor(candidates, device=self.device)
 
     @torch.no_grad()
-    def evaluate(self, user_emb, item_emb):
-        """user_emb [n_users, d], item_emb [n_items, d] -> {'recall@20': ..., ...}.
+    def evaluate(self, user_emb, item_emb, per_user=False):
+        """user_emb [n_users, d], item_emb [n_items, d] -> {'recall@20': ..., ...}; per_user: instead
+        each evaluated user's Recall@K, {'recall@20': [n_eval] float64, ...}, users in id order
+        (what paired_gap compares; their mean is the Recall@K above).
 
         A NaN score compares false with everything and would rank its item first,
         so every score must be finite. |e_u . e_i| <= |e_u| |e_i| (Cauchy-Schwarz,
@@ -116,22 +120,23 @@ class Evaluator:
         if not (torch.isfinite(user_emb).all() and torch.isfinite(item_emb).all()
                 and norm(user_emb) * norm(item_emb) < torch.finfo(torch.float32).max / 2):
             raise FloatingPointError("non-finite scores: training diverged")
-        return self._metrics(lambda users: user_emb[users] @ item_emb.T)
+        return self._metrics(lambda users: user_emb[users] @ item_emb.T, per_user)
 
     @torch.no_grad()
-    def evaluate_scores(self, scores):
+    def evaluate_scores(self, scores, per_user=False):
         """The metrics of a dense score matrix [n_users, n_items] (rows: user ids, columns: item ids),
-        for scores that are no single dot product; every score must be finite."""
+        for scores that are no single dot product; every score must be finite. per_user: as evaluate's."""
         if self.candidates is not None:
             scores = scores[:, self.candidates]
         if not torch.isfinite(scores).all():
             raise FloatingPointError("non-finite scores")
-        return self._metrics(lambda users: scores[users])  # indexing copies: masked in place below
+        return self._metrics(lambda users: scores[users], per_user)  # indexing copies: masked in place below
 
-    def _metrics(self, score_rows):
+    def _metrics(self, score_rows, per_user=False):
         """score_rows(users [P]) -> [P, n_candidates] fresh scores, one row per held-out pair."""
         total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision")}
         n_hit = torch.zeros(len(self.ks), self.n_eval, device=self.device)  # per user, for Hit@K
+        recall = torch.zeros(len(self.ks), self.n_eval, dtype=torch.float64, device=self.device)  # per user
         for users, items, mask_rows, mask_cols, pair_user, n_rel in self.batches:
             scores = score_rows(users)  # [P, n_items], one row per held-out pair
             scores[mask_rows, mask_cols] = -torch.inf  # training items are never recommended
@@ -143,9 +148,35 @@ class Evaluator:
                 total[f"precision@{k}"] += hit.sum().item() / k
                 total[f"ndcg@{k}"] += (hit / torch.log2(rank + 2.0) / self.idcg[n_rel.clamp(max=k) - 1]).sum().item()
                 n_hit[j].index_add_(0, pair_user, hit)
+                if per_user:
+                    recall[j].index_add_(0, pair_user, hit.double() / n_rel)
+        if per_user:
+            return {f"recall@{k}": recall[j].cpu().numpy() for j, k in enumerate(self.ks)}
         out = {m: v / self.n_eval for m, v in total.items()}
         out.update({f"hit@{k}": (n_hit[j] > 0).float().mean().item() for j, k in enumerate(self.ks)})
         return out
+
+
+def paired_gap(a, b):
+    """Two models' per-user metric on the same users, a and b [n] (Evaluator.evaluate(per_user=True))
+    -> the mean of b - a and its standard error. Pairing removes what the users share: the
+    spread between users, which makes each model's own standard error several times larger.
+    Under two users there is no spread to measure: the error is infinite."""
+    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    return d.mean(), (d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.inf)
+
+
+def one_se_rule(valid, per_user):
+    """Breiman's one-standard-error rule between models scored on the same valid users. valid:
+    {name: valid metric}, the simplest (the default) first; per_user(name) -> that model's per-user
+    metric [n]. Returns the best name if it beats the first by more than one paired standard error,
+    else the first (a gap inside valid's noise keeps the simpler model), and the margin
+    {challenger, gap, se}, None where the first is the best (on a tie the first)."""
+    first, best = next(iter(valid)), max(valid, key=valid.get)
+    if best == first:
+        return first, None
+    gap, se = paired_gap(per_user(first), per_user(best))
+    return best if gap > se else first, dict(challenger=best, gap=float(gap), se=float(se))
 
 
 class Table(nn.Module):

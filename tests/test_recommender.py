@@ -67,6 +67,9 @@ def test_metrics_hand_computed():
     assert m["recall@4"] == pytest.approx(1.0)
     assert m["precision@4"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert m["ndcg@4"] == pytest.approx(((1 / l3 + 1 / l5) / (1 / l2 + 1 / l3) + (1 / l5) / 1) / 2)
+    per_user = rec.Evaluator(5, train, target, ks=(2, 4)).evaluate(user_emb, item_emb, per_user=True)
+    np.testing.assert_allclose(per_user["recall@2"], [1 / 2, 0])  # user 0: one of two in the top 2
+    np.testing.assert_allclose(per_user["recall@4"], [1, 1])
 
 
 def test_metrics_over_candidates_hand_computed():
@@ -112,6 +115,51 @@ def test_evaluator_matches_reference_and_is_bounded(data, ks, batch):
     for k in got:
         assert 0.0 <= got[k] <= 1.0 + 1e-6
         assert got[k] == pytest.approx(want[k], abs=1e-5), k
+    per_user = rec.Evaluator(n_items, train, target, ks=ks, batch=batch).evaluate(
+        torch.tensor(ue, dtype=torch.float32), torch.tensor(ie, dtype=torch.float32), per_user=True)
+    for k in ks:  # one row per evaluated user, in [0, 1], averaging to the metric
+        r = per_user[f"recall@{k}"]
+        assert r.shape == (len(np.unique(target[0])),) and ((r >= 0) & (r <= 1 + 1e-9)).all()
+        assert r.mean() == pytest.approx(got[f"recall@{k}"], abs=1e-6)  # the total sums float32
+
+
+def test_paired_gap_hand_computed():
+    # d = b - a = 1, 0, 0, -1, 1: mean 1/5; its standard error from the sample variance (n - 1)
+    a, b = np.array([0, 1, 0.5, 1, 0]), np.array([1, 1, 0.5, 0, 1])
+    d = np.array([1, 0, 0, -1, 1])
+    gap, se = rec.paired_gap(a, b)
+    assert gap == pytest.approx(0.2)
+    assert se == pytest.approx(math.sqrt(((d - 0.2) ** 2).sum() / 4 / 5))  # sqrt(s^2 / n), s^2 with n - 1
+    assert rec.paired_gap(a[:1], b[:1]) == (1.0, math.inf)  # one user: no spread to measure
+
+
+def test_one_se_rule_keeps_the_first_unless_the_best_clears_it_by_a_paired_standard_error():
+    # 60 users; per user, the first model finds 30. "clear" finds the same 30 and 2 more: gap 2/60,
+    # paired SE sqrt((2 (1 - p)^2 + 58 p^2) / 59 / 60) = 0.023 with p = 2/60. "noisy" loses 4 of them
+    # and finds 6 others: the same gap, SE 0.053.
+    hits = lambda found: np.isin(np.arange(60), found).astype(float)
+    per_user = {"first": hits(range(30)), "clear": hits(range(32)), "noisy": hits(range(4, 36))}
+    p = 2 / 60
+    se_clear = math.sqrt((2 * (1 - p) ** 2 + 58 * p ** 2) / 59 / 60)
+    valid = lambda *names: {n: per_user[n].mean() for n in names}
+    assert rec.one_se_rule(valid("first", "clear"), per_user.get) == (
+        "clear", dict(challenger="clear", gap=pytest.approx(p), se=pytest.approx(se_clear)))
+    name, margin = rec.one_se_rule(valid("first", "noisy"), per_user.get)
+    assert name == "first" and margin["challenger"] == "noisy" and margin["se"] > margin["gap"] == pytest.approx(p)
+    assert rec.one_se_rule(valid("clear", "first"), per_user.get) == ("clear", None)  # the first is the best
+    assert rec.one_se_rule({"a": 0.5, "b": 0.5}, per_user.get) == ("a", None)  # a tie: the first, nothing computed
+
+
+@SETTINGS
+@given(st.integers(2, 40).flatmap(lambda n: st.tuples(*(st.lists(st.floats(0, 1), min_size=n, max_size=n)
+                                                         for _ in range(3)))))
+def test_paired_gap_is_antisymmetric_and_blind_to_what_users_share(abc):
+    a, b, user = map(np.array, abc)
+    gap, se = rec.paired_gap(a, b)
+    assert se >= 0 and rec.paired_gap(b, a) == pytest.approx((-gap, se))
+    assert rec.paired_gap(a + user, b + user) == pytest.approx((gap, se), abs=1e-12)  # a per-user offset cancels
+    assert rec.paired_gap(a, a + 0.25) == pytest.approx((0.25, 0.0), abs=1e-12)  # the same shift for all: no noise
+    assert gap == pytest.approx(b.mean() - a.mean())
 
 
 @SETTINGS
