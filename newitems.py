@@ -16,7 +16,7 @@ paper's content pathway serves them (ColdRec's item cold-start protocol):
     head_stats,        ... and the head back from them: a finished run scores new items
     served_vectors     without retraining (serve.py)
 
-Imports recommender.py for its Evaluator and nothing else of the project.
+Imports recommender.py for its Evaluator and one_se_rule, and nothing else of the project.
 """
 import numpy as np
 import torch
@@ -111,7 +111,8 @@ def fit_content_head(X, item_emb, fit_items, user_emb, train_pairs, evaluator=No
     return head
 
 
-def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0, tags=True, device="cpu"):
+def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0, tags=True, select="one-se",
+             device="cpu"):
     """The content head that ranks new items (fit_content_head: MMCPR with item content
     only) and what model.npz keeps of it, for run.py. Content: the item modalities and, if tags, the
     item tags (categories, release year; a block each). The paper's text modality holds those
@@ -124,7 +125,9 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
     conversion counts every item, new ones too). Without, a catalogue still gets new items tomorrow, so they are chosen on
     pseudo-new items: a share `holdout` of the trained items, drawn by split_seed, whose training
     pairs become the targets and leave the head's fit and the users' profiles; the head is then
-    refitted on every trained item with the settings chosen. Test is never read.
+    refitted on every trained item with the settings chosen. Test is never read. The start is the
+    first of `trained` unless the best clears it by more than the paired standard error of their
+    per-user Recall@20 (select "one-se", as run.py's fine-tunings; "best": the best, on a tie the first).
     Returns (the metrics entry, or None when there is neither a head nor a cold split; model.npz's
     head arrays, {} without a head)."""
     c = data["cold"]
@@ -170,11 +173,18 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
     heads = {s: fit_content_head(X, r["item_emb"], fit_items, user_emb[s], train, ev["valid"])
              for s, r in trained.items()}
     valid = {s: h["beta_grid"][h["beta"]] for s, h in heads.items()}  # Recall@20 of each start's head
-    start = max(valid, key=valid.get)  # on a tie the first, the pre-trained start
+    start, margin = max(valid, key=valid.get), None  # on a tie the first, the pre-trained start
+    if select == "one-se" and len(valid) > 1:  # does the best clear the first by more than valid's noise?
+        per_user = lambda s: ev["valid"].evaluate(head_users(heads[s], user_emb[s]), head_items(X, heads[s]["W"]),
+                                                  per_user=True)["recall@20"]
+        start, margin = recommender.one_se_rule(valid, per_user)
     head = heads[start]
     if len(heads) > 1:
-        print(f"new items, start kept: {start} (recall@20: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()) + ")")
-    entry.update(content=list(blocks), start=start, start_grid=valid, ridge=head["ridge"], profile_weight=head["beta"],
+        why = "" if margin is None else f"; {margin['challenger']}'s gap {margin['gap']:+.4f}, paired SE {margin['se']:.4f}"
+        print(f"new items, start kept: {start} (recall@20: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items())
+              + why + ")")
+    entry.update(content=list(blocks), start=start, start_grid=valid, margin=margin, ridge=head["ridge"],
+                 profile_weight=head["beta"],
                  ridge_grid={f"{k:g}": r for k, r in head["ridge_grid"].items()},
                  profile_grid={f"{k:g}": r for k, r in head["beta_grid"].items()})
     if c:

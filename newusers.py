@@ -30,7 +30,7 @@ history co-occurs with, which a few items' embeddings average away:
     served_scores       the same scores from model.npz's arrays (serve.py)
 
 Vectorised over users and pairs: no Python loop over users, items or interactions.
-Imports recommender.py (its Evaluator and the LightGCN adjacency) and nothing else of the project.
+Imports recommender.py (its Evaluator, the LightGCN adjacency and one_se_rule) and nothing else of the project.
 """
 import warnings
 
@@ -203,14 +203,16 @@ def anchors(history, evs, n_new, train_pairs, n_items, alpha):
 
 
 def fit(n_users, n_items, train_pairs, models, layers, cold, *, ks, candidates=None, valid=None, split_seed=0,
-        device="cpu", log=print):
+        select="one-se", device="cpu", log=print):
     """The new-user method of a run: models {name: recommender.train's result (user_emb, item_emb,
     ego)}, the fine-tuned models a new user may be placed by (a run's candidates, the one it kept
     among them), layers their LightGCN depth (0: MF). cold: data's cold_users (the new users:
     history, valid, test) or None. On valid Recall@20, one after the other: the item-to-item term
     alone (ItemKNN at each alpha; EASE at each lambda, for catalogues of at most EASE_MAX items),
     then, for each model, beta and gamma together (the blend; 0 among the choices of both); the
-    model and blend with the best valid are kept, on a tie the first model. Ours where the paper
+    model whose best blend scores best on valid is kept, on a tie the first, and with select
+    "one-se" (run.py's --select) only if it clears the first by a paired standard error
+    (recommender.one_se_rule), else the first. Ours where the paper
     is silent: a new user is placed by LightGCN's propagation alone, so a model whose final
     embeddings carry a side a history cannot give (run.py's content view) may place them worse
     than its twin without it; valid weighs them, as newitems.fit_head weighs the starts.
@@ -262,7 +264,11 @@ def fit(n_users, n_items, train_pairs, models, layers, cold, *, ks, candidates=N
 
     fits = {name: placed(res) for name, res in models.items()}
     model_grid = {name: max(grid.values()) for name, (_, _, grid) in fits.items()}
-    model = max(model_grid, key=model_grid.get)  # on a tie the first
+    best_blend = lambda name: fits[name][1](*max(fits[name][2], key=fits[name][2].get))  # S of its best (beta, gamma)
+    model, margin = max(model_grid, key=model_grid.get), None  # on a tie the first
+    if select == "one-se" and len(models) > 1:
+        model, margin = recommender.one_se_rule(
+            model_grid, lambda name: evs["valid"].evaluate_scores(best_blend(name), per_user=True)["recall@20"])
     G, blend, grid = fits[model]
     beta, gamma = max(grid, key=grid.get)  # on a tie the first: the smaller weights
     show = lambda grid: ", ".join(f"{k:g}: {r:.4f}" for k, r in grid.items())
@@ -270,9 +276,11 @@ def fit(n_users, n_items, train_pairs, models, layers, cold, *, ks, candidates=N
         f"by EASE's lambda: {show(ease_grid) or 'not tried'}; kept {f'EASE {lam:g}' if lam else f'ItemKNN {alpha:g}'}; "
         f"by (neighbour weight beta, blend weight gamma): best {grid[beta, gamma]:.4f} at ({beta:g}, {gamma:g}), "
         f"the vector alone (0, 0) {grid[0.0, 0.0]:.4f}"
-        + (f"; placed by {model} (" + ", ".join(f"{k} {r:.4f}" for k, r in model_grid.items()) + ")"
-           if len(models) > 1 else ""))
-    entry.update(model=model, model_grid=model_grid, alpha=alpha, ease=lam, beta=beta, gamma=gamma, knn=KNN,
+        + (f"; placed by {model} (" + ", ".join(f"{k} {r:.4f}" for k, r in model_grid.items())
+           + ("" if margin is None else f"; {margin['challenger']}'s gap {margin['gap']:+.4f}, paired SE {margin['se']:.4f}")
+           + ")" if len(models) > 1 else ""))
+    entry.update(model=model, model_grid=model_grid, margin=margin, alpha=alpha, ease=lam, beta=beta, gamma=gamma,
+                 knn=KNN,
                  alpha_grid={f"{x:g}": r for x, r in alpha_grid.items()},
                  ease_grid={f"{x:g}": r for x, r in ease_grid.items()},
                  beta_gamma_grid={f"{b:g},{g:g}": r for (b, g), r in grid.items()})

@@ -121,8 +121,9 @@ def test_ease_is_each_items_ridge_regression_on_the_others(seed, n_users, n_item
 
 def test_new_users_are_placed_by_the_model_valid_prefers_and_on_a_tie_the_first():
     """fit weighs every model it is given on the new users' valid pairs: each model's figure is
-    what fit reports for that model alone, the best is kept (its arrays in model.npz's newuser_*),
-    and a tie keeps the first."""
+    what fit reports for that model alone; select "best" keeps the best (its arrays in model.npz's
+    newuser_*), "one-se" the first unless the best clears it by a paired standard error of the
+    same valid recall; a tie keeps the first."""
     rng = np.random.default_rng(0)
     n_users, n_items, new = 40, 60, np.arange(32, 40)
     u, i = np.nonzero(rng.random((n_users, n_items)) < 0.2)
@@ -135,7 +136,8 @@ def test_new_users_are_placed_by_the_model_valid_prefers_and_on_a_tie_the_first(
     for k in ("a", "b", "c"):
         ego = rng.standard_normal((n_users + n_items, 4)).astype(np.float32)
         models[k] = dict(ego=ego, user_emb=ego[:n_users], item_emb=ego[n_users:])
-    fit = lambda ms: newusers.fit(n_users, n_items, train, ms, 1, cold, ks=(20,), log=lambda s: None)
+    fit = lambda ms, select="best": newusers.fit(n_users, n_items, train, ms, 1, cold, ks=(20,), select=select,
+                                                 log=lambda s: None)
     alone = {k: fit({k: r})[0]["valid"]["recall@20"] for k, r in models.items()}
     assert len(set(alone.values())) == 3  # the case has something to choose
     entry, arrays = fit(models)
@@ -146,6 +148,15 @@ def test_new_users_are_placed_by_the_model_valid_prefers_and_on_a_tie_the_first(
     worst = min(alone, key=alone.get)
     assert fit({"first": models[worst], "second": models[worst]})[0]["model"] == "first"
     assert fit({"second": models[worst], "first": models[worst]})[0]["model"] == "second"
+    best = max(alone, key=alone.get)
+    for order in (("a", "b", "c"), (worst, best)):  # the first is or is not the best: under one-se
+        e = fit({k: models[k] for k in order}, "one-se")[0]
+        if order[0] == best:
+            assert e["model"] == best and e["margin"] is None
+        else:
+            g = e["margin"]
+            assert g["challenger"] == best and g["gap"] == pytest.approx(alone[best] - alone[order[0]], abs=1e-6)
+            assert e["model"] == (best if g["gap"] > g["se"] else order[0])
 
 
 def test_the_blend_divides_each_term_by_its_spread():
@@ -221,7 +232,10 @@ def test_metrics_entry_leaves_the_new_users_out_of_training(cold_run):
     assert m["n_train"] == len(d["train"][0]) and not np.isin(d["valid"][0], c["users"]).any()
     np.testing.assert_array_equal(z["newuser_train_users"], d["train"][0])
     assert z["newuser_items"].shape == z["item_emb"].shape
-    assert c["model"] == max(c["model_grid"], key=c["model_grid"].get) == str(z["newuser_model"])
+    first, best = next(iter(c["model_grid"])), max(c["model_grid"], key=c["model_grid"].get)
+    g = c["margin"]  # --select one-se: the best only if it clears the first by a paired standard error
+    assert g is None if best == first else g["challenger"] == best
+    assert c["model"] == (best if g and g["gap"] > g["se"] else first) == str(z["newuser_model"])
     assert list(c["model_grid"]) == list(m["candidates"]) and c["model_grid"][c["model"]] == c["valid"]["recall@20"]
 
 

@@ -259,7 +259,8 @@ VALID = {"pretrained": 0.30, "scratch": 0.20, "pretrained+view": 0.25, "scratch+
 ])
 def test_valid_weighs_the_content_view_and_the_start_after_the_grid(tmp_path, monkeypatch, model, flags, want):
     """The L2 grid trains the first candidate; the others train at its kept L2, each with every item
-    modality in the view or none; valid keeps the best, and test (reversed here) is never read."""
+    modality in the view or none; valid keeps the best (--select best; one-se below), and test
+    (reversed here) is never read."""
     import recommender
     import run as run_module
 
@@ -275,7 +276,8 @@ def test_valid_weighs_the_content_view_and_the_start_after_the_grid(tmp_path, mo
         return train_result(n_users, n_items, v, 1 - v)
 
     monkeypatch.setattr(recommender, "train", fake_train)
-    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-3,1e-2", "--topk", "20", *flags])
+    args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-3,1e-2", "--topk", "20",
+                                  "--select", "best", *flags])
     m = run_module.run(args, data, model, 0.0, str(tmp_path / "out"))
     assert calls == [(want[0], 1e-3), (want[0], 1e-2)] + [(n, 1e-2) for n in want[1:]]
     kept = max(want, key=VALID.get)
@@ -300,7 +302,50 @@ def test_a_content_view_without_content_is_refused_and_a_tie_keeps_the_grids_can
     monkeypatch.setattr(recommender, "train", fake_train)
     args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20"])
     m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "b"))
-    assert len(m["candidates"]) == 3 and m["kept"] == "pretrained" and not m["content_view"]
+    assert len(m["candidates"]) == 3 and m["kept"] == "pretrained" and not m["content_view"] and m["margin"] is None
+
+
+def hits(data, users):
+    """Final embeddings under which exactly `users` find their valid item first (Recall@20 1) and
+    every other user scores every item 0 (a tie, which counts against the item: Recall@20 0)."""
+    user_emb = np.zeros((data["n_users"], data["n_items"]), np.float32)
+    u, i = data["valid"]
+    user_emb[u[np.isin(u, users)], i[np.isin(u, users)]] = 1
+    return user_emb, np.eye(data["n_items"], dtype=np.float32)
+
+
+@pytest.mark.parametrize("lost,won", [(0, 2), (4, 6)])
+def test_one_se_keeps_the_grids_candidate_unless_the_best_clears_it_by_a_paired_standard_error(
+        tmp_path, monkeypatch, lost, won):
+    """Of 60 users the hand-off finds 30's valid item; the view from the pre-trained start loses 3 of
+    them and wins 4 others; from the random start it loses `lost` and wins `won`: valid 32/60, the
+    best, both times. Two wins alone clear one paired standard error; six wins against four losses
+    do not, and the hand-off is kept. --select best keeps the best either way."""
+    import recommender
+    import run as run_module
+
+    data = dataset.load_mmrec(str(make_dataset(tmp_path / "toy")), log=lambda s: None)
+    sets = {"pretrained": range(30), "pretrained+view": range(3, 34), "scratch+view": range(lost, 30 + won)}
+
+    def fake_train(n_users, n_items, *args, user_init=None, content=None, **kwargs):
+        name = ("scratch" if user_init is None else "pretrained") + ("" if content is None else "+view")
+        r = train_result(n_users, n_items, len(sets[name]) / 60, 0.5)
+        r["user_emb"], r["item_emb"] = hits(data, sets[name])
+        return r
+
+    monkeypatch.setattr(recommender, "train", fake_train)
+    d = np.r_[-np.ones(lost), np.ones(won), np.zeros(60 - lost - won)]  # per user: scratch+view - pretrained
+    se = np.sqrt(((d - 2 / 60) ** 2).sum() / 59 / 60)  # by hand: sqrt(s^2 / n); 0.023, then 0.053
+    assert (2 / 60 > se) == (lost == 0)  # the cases are the two sides of the rule
+    for select, want in (("one-se", "scratch+view" if lost == 0 else "pretrained"), ("best", "scratch+view")):
+        args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
+                                      "--select", select])
+        m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / select))
+        assert m["kept"] == want and m["valid"]["recall@20"] == len(sets[want]) / 60
+        if select == "one-se":
+            assert m["margin"] == pytest.approx(dict(challenger="scratch+view", gap=2 / 60, se=se))
+        else:
+            assert m["margin"] is None
 
 
 def test_the_default_fine_tuning_is_the_vector_hand_off_as_before(tmp_path, monkeypatch):
@@ -478,8 +523,14 @@ def test_start_best_keeps_the_valid_best_start_and_its_twin_is_the_baseline(tmp_
     assert all(np.array_equal(x, y) for x, y in zip(a_args + tuple(a_kw.values()), t_args + tuple(t_kw.values())))
     np.testing.assert_array_equal(t["item_emb"], a["item_emb"])
     assert m["candidates"]["scratch"] == {"best_epoch": base["best_epoch"], "valid_recall@20": base["valid"]["recall@20"]}
-    assert m["start"] == ("scratch" if t["valid"]["recall@20"] > p["valid"]["recall@20"] else "pretrained")
-    assert m["valid"] == max(p["valid"], t["valid"], key=lambda v: v["recall@20"])
+    if t["valid"]["recall@20"] > p["valid"]["recall@20"]:  # one-se: scratch only if it clears valid's noise
+        g = m["margin"]  # its gap, from the final embeddings' per-user recall, is train's own valid gap
+        assert g["challenger"] == "scratch" and g["gap"] == pytest.approx(
+            t["valid"]["recall@20"] - p["valid"]["recall@20"], abs=1e-6)
+        assert m["start"] == ("scratch" if g["gap"] > g["se"] else "pretrained")
+    else:
+        assert m["start"] == "pretrained" and m["margin"] is None
+    assert m["valid"] == (t if m["start"] == "scratch" else p)["valid"]
     assert len(m["grid"]) == 1
 
 
@@ -496,7 +547,7 @@ def test_start_best_reads_valid_not_test(tmp_path, monkeypatch, pretrained_valid
 
     monkeypatch.setattr(recommender, "train", fake_train)
     args = run_module.parse_args(["--data", "x", "--pretrain-epochs", "1", "--l2", "1e-2", "--topk", "20",
-                                  "--start", "best", "--content-view", "off"])
+                                  "--start", "best", "--content-view", "off", "--select", "best"])
     m = run_module.run(args, data, "mmcpr", 0.0, str(tmp_path / "out"))
     assert m["start"] == want
     assert m["test"]["recall@20"] == (0.9 if want == "scratch" else 0.1)
