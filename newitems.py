@@ -126,8 +126,9 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
     pseudo-new items: a share `holdout` of the trained items, drawn by split_seed, whose training
     pairs become the targets and leave the head's fit and the users' profiles; the head is then
     refitted on every trained item with the settings chosen. Test is never read. The start is the
-    first of `trained` unless the best clears it by more than the paired standard error of their
-    per-user Recall@20 (select "one-se", as run.py's fine-tunings; "best": the best, on a tie the first).
+    first of `trained` unless another clears it by more than the paired standard error of their
+    per-user Recall@20 (select "one-se", recommender.one_se_rule, as run.py's fine-tunings; "best":
+    the best, on a tie the first).
     Returns (the metrics entry, or None when there is neither a head nor a cold split; model.npz's
     head arrays, {} without a head)."""
     c = data["cold"]
@@ -173,7 +174,7 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
     heads = {s: fit_content_head(X, r["item_emb"], fit_items, user_emb[s], train, ev["valid"])
              for s, r in trained.items()}
     valid = {s: h["beta_grid"][h["beta"]] for s, h in heads.items()}  # Recall@20 of each start's head
-    start, margin = max(valid, key=valid.get), None  # on a tie the first, the pre-trained start
+    start, margin = max(valid, key=valid.get), None  # on a tie the first (by default the pre-trained start)
     if select == "one-se" and len(valid) > 1:  # does the best clear the first by more than valid's noise?
         per_user = lambda s: ev["valid"].evaluate(head_users(heads[s], user_emb[s]), head_items(X, heads[s]["W"]),
                                                   per_user=True)["recall@20"]

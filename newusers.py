@@ -211,8 +211,8 @@ def fit(n_users, n_items, train_pairs, models, layers, cold, *, ks, candidates=N
     alone (ItemKNN at each alpha; EASE at each lambda, for catalogues of at most EASE_MAX items),
     then, for each model, beta and gamma together (the blend; 0 among the choices of both); the
     model whose best blend scores best on valid is kept, on a tie the first, and with select
-    "one-se" (run.py's --select) only if it clears the first by a paired standard error
-    (recommender.one_se_rule), else the first. Ours where the paper
+    "one-se" (run.py's --select) the best of those that clear the first by a paired standard
+    error (recommender.one_se_rule), else the first. Ours where the paper
     is silent: a new user is placed by LightGCN's propagation alone, so a model whose final
     embeddings carry a side a history cannot give (run.py's content view) may place them worse
     than its twin without it; valid weighs them, as newitems.fit_head weighs the starts.
@@ -276,9 +276,10 @@ def fit(n_users, n_items, train_pairs, models, layers, cold, *, ks, candidates=N
         f"by EASE's lambda: {show(ease_grid) or 'not tried'}; kept {f'EASE {lam:g}' if lam else f'ItemKNN {alpha:g}'}; "
         f"by (neighbour weight beta, blend weight gamma): best {grid[beta, gamma]:.4f} at ({beta:g}, {gamma:g}), "
         f"the vector alone (0, 0) {grid[0.0, 0.0]:.4f}"
-        + (f"; placed by {model} (" + ", ".join(f"{k} {r:.4f}" for k, r in model_grid.items())
-           + ("" if margin is None else f"; {margin['challenger']}'s gap {margin['gap']:+.4f}, paired SE {margin['se']:.4f}")
-           + ")" if len(models) > 1 else ""))
+        + ((f"; placed by {model} (" + ", ".join(f"{k} {r:.4f}" for k, r in model_grid.items())
+            + ("" if margin is None else
+               f"; {margin['challenger']}'s gap {margin['gap']:+.4f}, paired SE {margin['se']:.4f}") + ")")
+           if len(models) > 1 else ""))
     entry.update(model=model, model_grid=model_grid, margin=margin, alpha=alpha, ease=lam, beta=beta, gamma=gamma,
                  knn=KNN,
                  alpha_grid={f"{x:g}": r for x, r in alpha_grid.items()},

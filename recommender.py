@@ -162,21 +162,31 @@ def paired_gap(a, b):
     -> the mean of b - a and its standard error. Pairing removes what the users share: the
     spread between users, which makes each model's own standard error several times larger.
     Under two users there is no spread to measure: the error is infinite."""
-    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape or not len(a):
+        raise ValueError(f"paired_gap: two per-user arrays of the same users, not shapes {a.shape} and {b.shape}")
+    d = b - a
     return d.mean(), (d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.inf)
 
 
 def one_se_rule(valid, per_user):
-    """Breiman's one-standard-error rule between models scored on the same valid users. valid:
-    {name: valid metric}, the simplest (the default) first; per_user(name) -> that model's per-user
-    metric [n]. Returns the best name if it beats the first by more than one paired standard error,
-    else the first (a gap inside valid's noise keeps the simpler model), and the margin
-    {challenger, gap, se}, None where the first is the best (on a tie the first)."""
-    first, best = next(iter(valid)), max(valid, key=valid.get)
-    if best == first:
-        return first, None
-    gap, se = paired_gap(per_user(first), per_user(best))
-    return best if gap > se else first, dict(challenger=best, gap=float(gap), se=float(se))
+    """A one-standard-error rule (Breiman's, with the first model as the simplest) between models
+    scored on the same valid users. valid: {name: valid metric}, the simplest (the default) first;
+    per_user(name) -> that model's per-user metric [n]. The challengers, the models whose valid
+    beats the first's, are tried best first (on a tie the earlier); the first of them that beats
+    the first model by more than one paired standard error is kept, else the first model: a gap
+    inside valid's noise keeps the simpler model, and a noisy best does not hide a clear second.
+    Returns (the name kept, the margin {challenger, gap, se} of the challenger kept, else of the
+    best; None where no model beats the first)."""
+    first = next(iter(valid))
+    challengers = sorted((n for n in valid if valid[n] > valid[first]), key=valid.get, reverse=True)  # stable
+    margins = []
+    for name in challengers:
+        gap, se = paired_gap(per_user(first), per_user(name))
+        margins.append(dict(challenger=name, gap=float(gap), se=float(se)))
+        if gap > se:
+            return name, margins[-1]
+    return first, margins[0] if margins else None
 
 
 class Table(nn.Module):

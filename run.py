@@ -122,10 +122,10 @@ def parse_args(argv=None):
                         "(which on TikTok's valid trains better from the random start), pretrained without it")
     g.add_argument("--select", choices=("one-se", "best"), default="one-se",
                    help="how valid keeps one of the fine-tunings it weighs (--start best, the content view). "
-                        "one-se (default): the first, the grid's (by default the paper's hand-off), unless the best clears it "
-                        "by more than one paired standard error of per-user valid Recall@20 (Breiman's "
-                        "one-standard-error rule: a gap inside valid's noise keeps the simpler model); best: the "
-                        "best, on a tie the first (the runs before it)")
+                        "one-se (default): the first, the grid's (by default the paper's hand-off), unless another "
+                        "clears it by more than one paired standard error of per-user valid Recall@20, then the best "
+                        "of those (Breiman's one-standard-error rule: a gap inside valid's noise keeps the simpler "
+                        "model); best: the best, on a tie the first (the runs before it, their run names too)")
     g = p.add_argument_group("MMCPR pre-training")
     g.add_argument("--pretrain-epochs", type=int, default=100)
     g.add_argument("--pretrain-batch", type=int, default=8192, help="training pairs per pre-training step")
@@ -349,9 +349,9 @@ def fine_tune(args, data, downstream, start, warm, views, prog, stop, timings):
     stopping, and the value with the best valid Recall@20 is kept. Then, at that L2, the other
     candidates: the random start (--start best, and by default with the view) and each other of
     `views` (content_views: the item features of MGCN's view, or None). The candidate with the
-    best valid Recall@20 is kept, on a tie the first; with --select one-se (the default) only if
-    it beats the grid's by more than the paired standard error of the two models' per-user valid
-    Recall@20 (recommender.paired_gap; `margin` in metrics.json), else the grid's. Valid's users
+    best valid Recall@20 is kept, on a tie the first; with --select one-se (the default) the best
+    of those that beat the grid's by more than the paired standard error of the two models'
+    per-user valid Recall@20 (recommender.one_se_rule; `margin` in metrics.json), else the grid's. Valid's users
     are few (943 on movielens), and the best of three near-equal estimates is biased upward: the
     paper is silent here, and a gap inside valid's noise keeps the paper's hand-off. Returns
     ({candidate: train()'s result}, the models the new items may be served from; the choices for

@@ -68,7 +68,7 @@ def settings(args, model):
     """Every setting that can change the result, JSON-able."""
     s = {k: v for k, v in sorted(vars(args).items())
          if k not in ("data", "out", "rebuild_features", "fresh", "checkpoint_every", "serve", "new_items", "new_users")
-         and not (k == "cold_users" and not v)}  # off: the settings (and run names) of the runs before it
+         and not (k == "cold_users" and not v) and not (k == "select" and v == "best")}  # off, best: as before them
     s.update(model=model, data=os.path.abspath(args.data) if args.data else None)
     return json.loads(json.dumps(s, sort_keys=True, default=str))
 

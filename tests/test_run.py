@@ -493,6 +493,9 @@ def test_l2_default_is_the_grid_and_names_the_run(tmp_path):
     assert parse([]).l2 is None  # the demo: each model's one tuned value
     names = {runfolder.run_name(parse(["--data", "x", *f]), "toy", "mf") for f in ([], ["--l2", "1e-2"], ["--l2", "1e-2,1e-1"])}
     assert len(names) == 3
+    # --select best is the code before --select: its settings, run name and progress are that code's
+    s = {f: runfolder.settings(parse(["--data", "x", *f]), "mmcpr") for f in ((), ("--select", "best"))}
+    assert s[()]["select"] == "one-se" and s[()].keys() - s[("--select", "best")].keys() == {"select"}
     p = run("--data", make_dataset(tmp_path / "toy"), "--l2", "1e-2,x")
     assert p.returncode == 2 and "--l2 must be non-negative numbers" in p.stderr
 
