@@ -175,7 +175,7 @@ def fit_head(data, model, item_feats, trained, *, ks, holdout=0.1, split_seed=0,
              for s, r in trained.items()}
     valid = {s: h["beta_grid"][h["beta"]] for s, h in heads.items()}  # Recall@20 of each start's head
     start, margin = max(valid, key=valid.get), None  # on a tie the first (by default the pre-trained start)
-    if select == "one-se" and len(valid) > 1:  # does the best clear the first by more than valid's noise?
+    if select == "one-se":  # does another clear the first by more than valid's noise?
         per_user = lambda s: ev["valid"].evaluate(head_users(heads[s], user_emb[s]), head_items(X, heads[s]["W"]),
                                                   per_user=True)["recall@20"]
         start, margin = recommender.one_se_rule(valid, per_user)

@@ -266,7 +266,7 @@ def fit(n_users, n_items, train_pairs, models, layers, cold, *, ks, candidates=N
     model_grid = {name: max(grid.values()) for name, (_, _, grid) in fits.items()}
     best_blend = lambda name: fits[name][1](*max(fits[name][2], key=fits[name][2].get))  # S of its best (beta, gamma)
     model, margin = max(model_grid, key=model_grid.get), None  # on a tie the first
-    if select == "one-se" and len(models) > 1:
+    if select == "one-se":
         model, margin = recommender.one_se_rule(
             model_grid, lambda name: evs["valid"].evaluate_scores(best_blend(name), per_user=True)["recall@20"])
     G, blend, grid = fits[model]

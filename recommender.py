@@ -136,7 +136,8 @@ class Evaluator:
         """score_rows(users [P]) -> [P, n_candidates] fresh scores, one row per held-out pair."""
         total = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg", "precision")}
         n_hit = torch.zeros(len(self.ks), self.n_eval, device=self.device)  # per user, for Hit@K
-        recall = torch.zeros(len(self.ks), self.n_eval, dtype=torch.float64, device=self.device)  # per user
+        if per_user:
+            recall = torch.zeros(len(self.ks), self.n_eval, dtype=torch.float64, device=self.device)
         for users, items, mask_rows, mask_cols, pair_user, n_rel in self.batches:
             scores = score_rows(users)  # [P, n_items], one row per held-out pair
             scores[mask_rows, mask_cols] = -torch.inf  # training items are never recommended
@@ -180,9 +181,9 @@ def one_se_rule(valid, per_user):
     best; None where no model beats the first)."""
     first = next(iter(valid))
     challengers = sorted((n for n in valid if valid[n] > valid[first]), key=valid.get, reverse=True)  # stable
-    margins = []
+    margins, base = [], per_user(first) if challengers else None  # the first's, evaluated once
     for name in challengers:
-        gap, se = paired_gap(per_user(first), per_user(name))
+        gap, se = paired_gap(base, per_user(name))
         margins.append(dict(challenger=name, gap=float(gap), se=float(se)))
         if gap > se:
             return name, margins[-1]

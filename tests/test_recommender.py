@@ -151,7 +151,10 @@ def test_one_se_rule_keeps_the_first_unless_the_best_clears_it_by_a_paired_stand
     # "noisiest" beats "clear" on valid (33/60: loses 4 users, finds 7 others; gap 3/60, SE 0.055):
     # it does not clear the first, and does not hide "clear", which does.
     per_user["noisiest"] = hits(list(range(4, 30)) + list(range(30, 37)))
-    assert rec.one_se_rule(valid("first", "noisy", "clear", "noisiest"), per_user.get)[0] == "clear"
+    calls = []
+    counted = lambda name: calls.append(name) or per_user[name]
+    assert rec.one_se_rule(valid("first", "noisy", "clear", "noisiest"), counted)[0] == "clear"
+    assert calls == ["first", "noisiest", "noisy", "clear"]  # the first evaluated once, challengers best first
     assert rec.one_se_rule(valid("first", "noisiest"), per_user.get)[0] == "first"
     with pytest.raises(ValueError, match="same users"):
         rec.paired_gap(np.zeros(3), np.zeros(4))
